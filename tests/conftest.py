@@ -1,0 +1,53 @@
+"""Shared fixtures: real data from ../shared/data, and the `slow` marker (skipped unless --runslow)."""
+
+from pathlib import Path
+
+import anndata as ad
+import pytest
+
+DATA_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+BARON_PATH = DATA_DIR / "celltype" / "baron_mouse_pancreas.h5ad"
+
+
+def pytest_addoption(parser):
+    parser.addoption("--runslow", action="store_true", default=False, help="also run tests marked slow")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: minutes-long test (full-size models); run with --runslow")
+    config.addinivalue_line("markers", "gpu: needs CUDA; skipped on CPU machines")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--runslow"):
+        return
+    skip_slow = pytest.mark.skip(reason="slow test: run with --runslow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip_slow)
+
+
+@pytest.fixture(scope="session")
+def baron():
+    """Baron et al. 2016 mouse pancreas: 1,886 cells x 14,877 genes, raw UMI counts, obs['cell_type1']."""
+    if not BARON_PATH.exists():
+        pytest.skip(f"real data not found at {BARON_PATH} (the project's shared/data folder)")
+    return ad.read_h5ad(BARON_PATH)
+
+
+@pytest.fixture(scope="session")
+def baron_small(baron):
+    """200 Baron cells, every cell type kept, as an in-memory copy."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    rows = np.sort(rng.choice(baron.n_obs, size=200, replace=False))
+    return baron[rows].copy()
+
+
+@pytest.fixture(scope="session")
+def pbmc():
+    """scanpy's pbmc68k_reduced (Zheng68K subset, 700 x 765): .raw.X is log-normalised, .X is z-scored."""
+    import scanpy as sc
+
+    return sc.datasets.pbmc68k_reduced()
