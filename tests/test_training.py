@@ -1,0 +1,760 @@
+"""The training scripts on small real data: pretraining, masking, crash-safe resume, two-process DDP, fine-tuning.
+
+In-process runs call the scripts' `main` (Accelerate's state is a process-wide singleton, so it is reset around every
+test); the crash test and DDP run real subprocesses. Everything uses a 150-cell x 300-gene slice of Baron et al.
+(the most often expressed genes) so the whole file takes about a minute or two on two CPU cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoConfig, AutoModelForMaskedLM, AutoModelForSequenceClassification, AutoTokenizer
+
+import modeling_scbert
+from tokenization import GeneExpressionTokenizer
+from train import finetune, pretrain
+from train.training import (
+    STATE_FILE,
+    MaskedExpressionCollator,
+    build_optimizer,
+    checkpoint_dirs,
+    resolve_checkpoint,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG_DIR = ROOT / "train" / "accelerate_configs"
+N_CELLS, N_GENES = 150, 300
+FINETUNE_CLASSES = ("alpha", "delta", "ductal")
+CELLS_PER_CLASS = 30
+
+
+def subprocess_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1",
+               HF_DATASETS_OFFLINE="1", PYTHONUNBUFFERED="1")
+    env.pop("WORLD_SIZE", None)
+    return env
+
+
+# ------------------------------------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """In-process runs share two loaded cores with other work: one intra-op thread, restored afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """AcceleratorState/GradientState are singletons: a second in-process run with other settings would fail."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+def _top_genes(adata, n_genes: int) -> np.ndarray:
+    import scipy.sparse as sp
+
+    detected = np.asarray((sp.csr_matrix(adata.X) > 0).sum(axis=0)).ravel()
+    return np.sort(np.argsort(-detected, kind="stable")[:n_genes])
+
+
+@pytest.fixture(scope="module")
+def data_dir(baron, tmp_path_factory):
+    """Small real .h5ad files: `pretrain.h5ad` (150 random cells) and `finetune.h5ad` (30 cells of 3 types)."""
+    folder = tmp_path_factory.mktemp("baron_subsets")
+    genes = _top_genes(baron, N_GENES)
+    rng = np.random.default_rng(0)
+    rows = np.sort(rng.choice(baron.n_obs, size=N_CELLS, replace=False))
+    cells = baron[rows][:, genes].copy()
+    assert np.all(np.asarray(cells.X.sum(axis=1)).ravel() > 0)
+    cells.write_h5ad(folder / "pretrain.h5ad")
+
+    labels = baron.obs["cell_type1"].astype(str).to_numpy()
+    picked = np.sort(np.concatenate([rng.choice(np.flatnonzero(labels == name), CELLS_PER_CLASS, replace=False)
+                                     for name in FINETUNE_CLASSES]))
+    labelled = baron[picked][:, genes].copy()
+    labelled.obs["cell_type1"] = labelled.obs["cell_type1"].astype(str)
+    assert np.all(np.asarray(labelled.X.sum(axis=1)).ravel() > 0)
+    labelled.write_h5ad(folder / "finetune.h5ad")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def pretrain_data(data_dir) -> Path:
+    return data_dir / "pretrain.h5ad"
+
+
+@pytest.fixture(scope="module")
+def finetune_data(data_dir) -> Path:
+    return data_dir / "finetune.h5ad"
+
+
+@pytest.fixture(scope="module")
+def cells(pretrain_data):
+    import anndata as ad
+
+    return ad.read_h5ad(pretrain_data)
+
+
+def pretrain_args(data: Path, output: Path, architecture: str = "scbert2-tiny", *extra: str) -> list[str]:
+    return ["--data", str(data), "--architecture", architecture, "--max_length", "64", "--per_device_batch_size", "16",
+            "--output_dir", str(output), "--cache_dir", str(output.parent / "cache"), "--no_progress_bar",
+            "--num_workers", "0", *extra]
+
+
+def log_records(output: Path, name: str = "pretrain") -> list[dict]:
+    lines = (output / "logs" / f"{name}.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines]
+
+
+def step_records(output: Path, name: str = "pretrain") -> list[dict]:
+    return [r for r in log_records(output, name) if "step" in r and "loss" in r]
+
+
+def weights(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(folder / "model.safetensors"))
+
+
+def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], atol: float = 1e-5) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.allclose(a[name], b[name], atol=atol, rtol=0), (name, (a[name] - b[name]).abs().max().item())
+
+
+def rows_with_index(dataset, indices) -> list[dict]:
+    return [{**dataset[int(i)], "index": int(i)} for i in indices]
+
+
+# ------------------------------------------------------------------------------------------------- 1. pretraining
+def test_pretrain_scbert2_end_to_end_and_the_folder_loads(pretrain_data, tmp_path):
+    output = tmp_path / "run"
+    folder = pretrain.main(pretrain_args(pretrain_data, output, "scbert2-tiny", "--max_steps", "4",
+                                         "--logging_steps", "2"))
+    assert folder == output / "model"
+    model = AutoModelForMaskedLM.from_pretrained(folder)
+    assert type(model).__name__ == "ScBert2ForMaskedRegression"
+    tokenizer = GeneExpressionTokenizer.from_pretrained(folder)
+    assert tokenizer.mode == "scbert2" and tokenizer.num_genes == N_GENES and tokenizer.max_length == 64
+    assert model.config.vocab_size == tokenizer.vocab_size
+    auto = AutoTokenizer.from_pretrained(folder)
+    assert type(auto) is GeneExpressionTokenizer and auto.genes == tokenizer.genes
+
+    records = step_records(output)
+    assert [r["step"] for r in records] == [2, 4]
+    for record in records:
+        assert {"loss", "bin_loss", "value_loss", "lr", "epoch", "cells_per_second"} <= record.keys()
+        assert np.isfinite(record["loss"]) and record["cells_per_second"] > 0
+    assert "aux_loss" not in records[-1]  # dense model
+    assert records[-1]["lr"] == pytest.approx(0.0, abs=1e-12)  # cosine schedule ends at max_steps
+    assert log_records(output)[0]["config"]["architecture"] == "scbert2-tiny"
+    summary = json.loads((output / "pretrain_summary.json").read_text())
+    assert summary["steps"] == 4 and summary["cells"] == N_CELLS
+
+    # The saved model and tokenizer work together on real cells.
+    import anndata as ad
+
+    batch = tokenizer(ad.read_h5ad(pretrain_data)[:4], return_tensors="pt")
+    with torch.no_grad():
+        out = model(**batch)
+    assert out.bin_logits.shape[:2] == batch["input_ids"].shape and torch.isfinite(out.value_predictions).all()
+
+
+def test_pretrain_scbert_v1_mlm(pretrain_data, tmp_path):
+    output = tmp_path / "run"
+    folder = pretrain.main(pretrain_args(pretrain_data, output, "scbert-small", "--max_steps", "2",
+                                         "--logging_steps", "1"))
+    model = AutoModelForMaskedLM.from_pretrained(folder)
+    assert type(model).__name__ == "ScBertForMaskedLM"
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    assert tokenizer.mode == "scbert"
+    assert model.config.num_tokens == tokenizer.num_bins + 2 and model.config.max_seq_len == N_GENES + 1
+    records = step_records(output)
+    assert [r["step"] for r in records] == [1, 2]
+    assert all(np.isfinite(r["loss"]) and r["cells_per_second"] > 0 for r in records)
+
+
+def test_pretrain_moe_logs_the_load_balancing_loss(pretrain_data, tmp_path):
+    output = tmp_path / "run"
+    pretrain.main(pretrain_args(pretrain_data, output, "scbert2-moe", "--max_steps", "2", "--logging_steps", "1",
+                                "--max_length", "32"))
+    assert AutoConfig.from_pretrained(output / "model").num_local_experts > 1
+    records = step_records(output)
+    assert all({"bin_loss", "value_loss", "aux_loss", "cells_per_second"} <= r.keys() for r in records)
+    assert all(r["aux_loss"] > 0 for r in records)
+
+
+def test_masking_does_not_depend_on_dataloader_workers(pretrain_data, tmp_path):
+    """Masks are seeded per batch from (seed, epoch, cell rows), so 0 and 1 worker processes train identically."""
+    runs = {}
+    for workers in ("0", "1"):
+        output = tmp_path / f"workers{workers}"
+        args = pretrain_args(pretrain_data, output, "scbert2-tiny", "--max_steps", "3")
+        args[args.index("--num_workers") + 1] = workers
+        runs[workers] = weights(pretrain.main(args))
+    assert_same_weights(runs["0"], runs["1"], atol=0)
+
+
+# ------------------------------------------------------------------------------------------------- 2. masking
+@pytest.fixture(scope="module")
+def scbert2_tokenizer(cells):
+    # No truncation, so cells keep their sampled zeros and differ in length (padding).
+    return GeneExpressionTokenizer.from_adata(cells, mode="scbert2", max_length=None, zero_fraction=0.1)
+
+
+@pytest.fixture(scope="module")
+def scbert2_dataset(scbert2_tokenizer, cells):
+    return scbert2_tokenizer.to_dataset(cells)
+
+
+def collate_all(collator, dataset, batch_size: int = 16) -> list[dict]:
+    return [collator(rows_with_index(dataset, range(start, min(start + batch_size, len(dataset)))))
+            for start in range(0, len(dataset), batch_size)]
+
+
+def test_scbert2_masking_hides_only_real_gene_values(scbert2_tokenizer, scbert2_dataset):
+    collator = MaskedExpressionCollator(scbert2_tokenizer, mask_probability=0.15, seed=3)
+    masked_total = candidate_total = masked_zeros = padding = 0
+    for batch in collate_all(collator, scbert2_dataset):
+        mask, real = batch["value_mask"], batch["attention_mask"].bool()
+        genes = real & (batch["input_ids"] >= scbert2_tokenizer.num_special_tokens)
+        assert mask.dtype == torch.bool and not (mask & ~genes).any()  # never CLS, never padding
+        assert (batch["input_ids"][:, 0] == scbert2_tokenizer.cls_token_id).all() and not mask[:, 0].any()
+        assert ((batch["labels"] != -100) == mask).all()
+        original_bins = torch.as_tensor(scbert2_tokenizer.bin_values(batch["value_labels"].numpy()))
+        assert (batch["labels"][mask] == original_bins[mask]).all()
+        assert (batch["values"][mask] == 0).all() and (batch["bin_ids"][mask] == 0).all()
+        assert (batch["values"][~mask] == batch["value_labels"][~mask]).all()
+        assert (batch["bin_ids"][genes & ~mask] == original_bins[genes & ~mask]).all()
+        masked_total += int(mask.sum())
+        candidate_total += int(genes.sum())
+        masked_zeros += int((mask & genes & (batch["value_labels"] == 0)).sum())
+        padding += int((~real).sum())
+    assert candidate_total > 5000 and padding > 0
+    assert masked_total / candidate_total == pytest.approx(0.15, abs=0.02)
+    assert masked_zeros > 0  # sampled unexpressed genes are real gene tokens and get masked too
+
+
+def test_scbert2_value_labels_are_the_unmasked_values(cells):
+    tokenizer = GeneExpressionTokenizer.from_adata(cells, mode="scbert2", max_length=64)  # no sampled zeros
+    dataset = tokenizer.to_dataset(cells)
+    rows = rows_with_index(dataset, range(16))
+    reference = tokenizer.collate(rows, return_tensors="pt")
+    batch = MaskedExpressionCollator(tokenizer, seed=0)(rows)
+    assert torch.equal(batch["value_labels"], reference["values"])
+    assert torch.equal(batch["input_ids"], reference["input_ids"])
+    assert torch.equal(batch["attention_mask"], reference["attention_mask"])
+
+
+@pytest.mark.parametrize("probability", [0.15, 0.4])
+def test_mask_share_follows_mask_probability(scbert2_tokenizer, scbert2_dataset, probability):
+    collator = MaskedExpressionCollator(scbert2_tokenizer, mask_probability=probability, seed=1)
+    batches = collate_all(collator, scbert2_dataset)
+    masked = sum(int(b["value_mask"].sum()) for b in batches)
+    candidates = sum(int((b["attention_mask"].bool() & (b["input_ids"] >= 3)).sum()) for b in batches)
+    assert masked / candidates == pytest.approx(probability, abs=0.02)
+
+
+def test_scbert_v1_masks_nonzero_bins_with_the_mask_token(cells):
+    tokenizer = GeneExpressionTokenizer.from_adata(cells, mode="scbert")
+    dataset = tokenizer.to_dataset(cells)
+    collator = MaskedExpressionCollator(tokenizer, seed=2)
+    mask_token = tokenizer.num_bins + 1
+    chosen_total = nonzero_total = replaced_total = 0
+    for start in range(0, len(dataset), 16):
+        rows = rows_with_index(dataset, range(start, min(start + 16, len(dataset))))
+        original = tokenizer.collate(rows, return_tensors="pt")["input_ids"]
+        batch = collator(rows)
+        assert batch["input_ids"].shape == (len(rows), N_GENES + 1)
+        chosen = batch["labels"] != -100
+        assert (original[chosen] > 0).all()  # only expressed genes
+        assert not chosen[:, -1].any() and (batch["input_ids"][:, -1] == 0).all()  # the trailing token
+        assert (batch["labels"][chosen] == original[chosen]).all()
+        replaced = batch["input_ids"] == mask_token
+        assert not (replaced & ~chosen).any()
+        assert (batch["input_ids"][~replaced] == original[~replaced]).all()
+        assert "value_mask" not in batch
+        chosen_total += int(chosen.sum())
+        nonzero_total += int((original > 0).sum())
+        replaced_total += int(replaced.sum())
+    assert chosen_total / nonzero_total == pytest.approx(0.15, abs=0.02)
+    assert replaced_total / chosen_total == pytest.approx(0.9, abs=0.03)
+
+
+def test_masks_are_a_function_of_seed_epoch_and_cells(scbert2_tokenizer, scbert2_dataset):
+    rows = rows_with_index(scbert2_dataset, [5, 17, 42, 99])
+    collator = MaskedExpressionCollator(scbert2_tokenizer, seed=0)
+    first, again = collator(rows), collator(rows)
+    for key in first:
+        assert torch.equal(first[key], again[key]), key
+    collator.set_epoch(1)
+    assert not torch.equal(collator(rows)["value_mask"], first["value_mask"])
+    assert not torch.equal(MaskedExpressionCollator(scbert2_tokenizer, seed=1)(rows)["value_mask"], first["value_mask"])
+    # Without row numbers (a collator used on its own) torch's global generator decides.
+    plain = [{"gene_ids": r["gene_ids"], "values": r["values"]} for r in rows]
+    torch.manual_seed(0)
+    a = collator(plain)["value_mask"]
+    torch.manual_seed(0)
+    assert torch.equal(collator(plain)["value_mask"], a)
+
+
+def test_a_batch_always_has_a_masked_token(scbert2_tokenizer, scbert2_dataset):
+    collator = MaskedExpressionCollator(scbert2_tokenizer, mask_probability=1e-9)
+    batch = collator(rows_with_index(scbert2_dataset, range(4)))
+    assert int(batch["value_mask"].sum()) == 1 and int((batch["labels"] != -100).sum()) == 1
+    with pytest.raises(ValueError, match=r"mask_probability must be in \(0, 1\)"):
+        MaskedExpressionCollator(scbert2_tokenizer, mask_probability=1.0)
+
+
+# ------------------------------------------------------------------------------------------------- 3. resume
+def test_resolve_checkpoint_ignores_partial_and_sorts_numerically(tmp_path):
+    assert resolve_checkpoint(str(tmp_path), "latest") is None
+    assert resolve_checkpoint(str(tmp_path), None) is None
+    root = tmp_path / "checkpoints"
+    for name in ("checkpoint-2", "checkpoint-10", "checkpoint-999.partial", "checkpoint-x", "other"):
+        (root / name).mkdir(parents=True)
+        (root / name / STATE_FILE).write_text("{}")
+    assert [p.name for p in checkpoint_dirs(tmp_path)] == ["checkpoint-2", "checkpoint-10"]
+    assert resolve_checkpoint(str(tmp_path), "latest") == root / "checkpoint-10"
+    assert resolve_checkpoint(str(tmp_path), str(root / "checkpoint-2")) == root / "checkpoint-2"
+    (tmp_path / "half").mkdir()
+    with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
+        resolve_checkpoint(str(tmp_path), str(tmp_path / "half"))
+
+
+def _load_checkpoint_in_fresh_objects(checkpoint: Path, model_folder: Path) -> tuple[dict, object, object]:
+    """accelerator.load_state into a newly built model/optimizer/scheduler, as a resumed run does."""
+    from accelerate import Accelerator
+    from transformers import get_cosine_schedule_with_warmup
+
+    torch.manual_seed(123)
+    model = AutoModelForMaskedLM.from_config(AutoConfig.from_pretrained(model_folder))
+    optimizer = build_optimizer(model, argparse.Namespace(weight_decay=0.01, optim="adamw", learning_rate=1e-3))
+    scheduler = get_cosine_schedule_with_warmup(optimizer, 1, 10)
+    accelerator = Accelerator()
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    accelerator.load_state(str(checkpoint))
+    state = {k: v.detach().clone() for k, v in accelerator.unwrap_model(model).state_dict().items()}
+    return state, optimizer, scheduler
+
+
+def test_killed_pretraining_resumes_to_the_same_weights(pretrain_data, tmp_path):
+    max_steps, every = 56, 2  # 10 batches per epoch: the run ends mid-epoch
+
+    def command(output: Path) -> list[str]:
+        args = pretrain_args(pretrain_data, output, "scbert2-tiny", "--max_steps", str(max_steps),
+                             "--checkpointing_steps", str(every), "--logging_steps", "5")
+        args[args.index("--num_workers") + 1] = "1"  # the default: masks are built in a worker process
+        args[args.index("--cache_dir") + 1] = str(output / "cache")  # concurrent runs: separate caches
+        return [sys.executable, str(ROOT / "train" / "pretrain.py"), *args]
+
+    reference_dir, crashed_dir = tmp_path / "uninterrupted", tmp_path / "crashed"
+    env = subprocess_env()
+    with open(tmp_path / "reference.log", "w") as ref_log, open(tmp_path / "crashed.log", "w") as crash_log:
+        reference = subprocess.Popen(command(reference_dir), cwd=ROOT, env=env, stdout=ref_log, stderr=subprocess.STDOUT)
+        crashed = subprocess.Popen(command(crashed_dir), cwd=ROOT, env=env, stdout=crash_log,
+                                   stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            deadline = time.monotonic() + 240
+            while not checkpoint_dirs(crashed_dir):
+                assert crashed.poll() is None, "the run ended before its first checkpoint:\n" + (
+                    tmp_path / "crashed.log").read_text()[-3000:]
+                assert time.monotonic() < deadline, "no checkpoint within 240 s"
+                time.sleep(0.02)
+            still_running = crashed.poll() is None
+            os.killpg(crashed.pid, signal.SIGKILL)  # the run and its DataLoader worker
+        finally:
+            if crashed.poll() is None:
+                os.killpg(crashed.pid, signal.SIGKILL)
+            crashed.wait()
+        assert reference.wait(timeout=300) == 0, (tmp_path / "reference.log").read_text()[-3000:]
+    assert still_running, "pretraining finished before it could be killed"
+    assert crashed.returncode == -signal.SIGKILL
+    assert not (crashed_dir / "model").exists()
+    killed_at = int(checkpoint_dirs(crashed_dir)[-1].name.split("-")[1])
+    assert killed_at < max_steps
+
+    resumed = subprocess.run(command(crashed_dir) + ["--resume_from_checkpoint", "latest"], cwd=ROOT, env=env,
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert "Resumed from" in resumed.stdout and "checkpoint-" in resumed.stdout
+
+    # Step counts: the last checkpoint's training_state.json, the JSONL log and the summary all end at max_steps.
+    checkpoints = checkpoint_dirs(crashed_dir)
+    assert checkpoints[-1].name == f"checkpoint-{max_steps}" and len(checkpoints) == 2  # checkpoints_total_limit
+    assert not list((crashed_dir / "checkpoints").glob("*.partial"))
+    for checkpoint in checkpoints:
+        state = json.loads((checkpoint / STATE_FILE).read_text())
+        assert state["step"] == int(checkpoint.name.split("-")[1])
+    assert json.loads((checkpoints[-1] / STATE_FILE).read_text())["step"] == max_steps
+    records = step_records(crashed_dir)
+    assert records[-1]["step"] == max_steps and max(r["step"] for r in records) == max_steps
+    assert json.loads((crashed_dir / "pretrain_summary.json").read_text())["steps"] == max_steps
+
+    # Every checkpoint folder loads into fresh objects and holds the weights of its model.safetensors.
+    for checkpoint in checkpoints:
+        state, optimizer, scheduler = _load_checkpoint_in_fresh_objects(checkpoint, crashed_dir / "model")
+        saved = weights(checkpoint)
+        assert saved.keys() == state.keys()
+        assert_same_weights(saved, state, atol=0)
+        step = int(checkpoint.name.split("-")[1])
+        assert scheduler.state_dict()["last_epoch"] == step
+        assert all(s["step"] == step for s in optimizer.optimizer.state_dict()["state"].values())
+    assert_same_weights(weights(checkpoints[-1]), weights(crashed_dir / "model"), atol=0)
+
+    # A resumed run reproduces the uninterrupted one (same seed, masks seeded per batch).
+    assert_same_weights(weights(crashed_dir / "model"), weights(reference_dir / "model"), atol=1e-5)
+
+    # An interrupted save (a folder still named *.partial) is never taken as the latest checkpoint.
+    fake = crashed_dir / "checkpoints" / "checkpoint-999.partial"
+    fake.mkdir()
+    (fake / STATE_FILE).write_text(json.dumps({"step": 999, "epoch": 0, "batches_done": 0}))
+    assert resolve_checkpoint(str(crashed_dir), "latest") == checkpoints[-1]
+
+    # Resuming a finished run again trains no further.
+    before = weights(crashed_dir / "model")
+    args = command(crashed_dir)[2:] + ["--resume_from_checkpoint", "latest"]
+    pretrain.main(args)
+    assert json.loads((crashed_dir / "pretrain_summary.json").read_text())["steps"] == max_steps
+    assert step_records(crashed_dir)[-1]["step"] == max_steps
+    assert_same_weights(weights(crashed_dir / "model"), before, atol=0)
+
+
+# ------------------------------------------------------------------------------------------------- 4. DDP
+DDP_SCRIPT = '''
+import argparse, json, sys
+sys.path.insert(0, {root!r})
+import torch
+from accelerate.utils import set_seed
+from transformers import AutoModelForMaskedLM
+from tokenization import GeneExpressionTokenizer
+from train.training import (MaskedExpressionCollator, add_training_arguments, architecture_config,
+                            load_tokenized_dataset, make_accelerator, read_h5ad, train_loop)
+
+
+class RecordingCollator(MaskedExpressionCollator):
+    seen = []
+
+    def __call__(self, cells):
+        self.seen.extend(int(cell["index"]) for cell in cells)
+        return super().__call__(cells)
+
+
+parser = argparse.ArgumentParser()
+parser.add_argument("--data")
+parser.add_argument("--result")
+args = add_training_arguments(parser).parse_args()
+accelerator = make_accelerator(args, "ddp")
+set_seed(args.seed)
+tokenizer = GeneExpressionTokenizer.from_adata(read_h5ad(args.data), mode="scbert2", max_length=64)
+model = AutoModelForMaskedLM.from_config(architecture_config("scbert2-tiny", tokenizer))
+with accelerator.main_process_first():
+    dataset = load_tokenized_dataset([args.data], tokenizer, cache_dir=args.cache_dir)
+collator = RecordingCollator(tokenizer, seed=args.seed)
+result = train_loop(accelerator, model, dataset, collator, args)
+unwrapped = accelerator.unwrap_model(model)
+checksum = torch.cat([torch.stack([p.detach().double().sum(), p.detach().double().square().sum()])
+                      for p in unwrapped.parameters()])
+checksums = accelerator.gather(checksum.unsqueeze(0))
+seen = torch.zeros(1, len(dataset), dtype=torch.long)
+seen[0, collator.seen] = 1
+seen = accelerator.gather(seen)
+if accelerator.is_main_process:
+    json.dump({{"num_processes": accelerator.num_processes, "distributed_type": str(accelerator.distributed_type),
+               "backend": accelerator.state.backend, "steps": result.step, "checksums": checksums.tolist(),
+               "seen": seen.tolist()}}, open(args.result, "w"))
+accelerator.end_training()
+'''
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_process_ddp_on_cpu_keeps_ranks_identical(pretrain_data, tmp_path):
+    script = tmp_path / "ddp_check.py"
+    script.write_text(textwrap.dedent(DDP_SCRIPT.format(root=str(ROOT))))
+    output, result = tmp_path / "ddp", tmp_path / "ddp.json"
+    max_steps = 5
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIG_DIR / "cpu_ddp_2proc.yaml"),
+        "--main_process_port", str(free_port()), str(script),
+        "--data", str(pretrain_data), "--result", str(result), "--output_dir", str(output),
+        "--cache_dir", str(tmp_path / "cache"), "--max_steps", str(max_steps), "--per_device_batch_size", "8",
+        "--logging_steps", "1", "--num_workers", "0", "--no_progress_bar",
+        "--checkpointing_steps", "1", "--checkpoints_total_limit", str(max_steps),
+    ]
+    run = subprocess.run(command, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    report = json.loads(result.read_text())
+    assert report["num_processes"] == 2 and report["distributed_type"] == "DistributedType.MULTI_CPU"
+    assert report["backend"] == "gloo" and report["steps"] == max_steps
+    rank0, rank1 = np.asarray(report["checksums"])
+    assert np.array_equal(rank0, rank1)  # DDP: both ranks end with the same weights
+    seen = np.asarray(report["seen"])
+    assert seen[0].sum() > 0 and seen[1].sum() > 0 and not (seen[0] & seen[1]).any()  # disjoint shards
+    records = log_records(output, "ddp")
+    assert sum("config" in r for r in records) == 1  # one main process logs
+    steps = [r for r in records if "loss" in r]
+    assert [r["step"] for r in steps] == list(range(1, max_steps + 1))
+    # The LR schedule spans max_steps although Accelerate steps the scheduler once per process.
+    assert steps[-1]["lr"] == pytest.approx(0.0, abs=1e-12)
+    assert steps[0]["cells_per_second"] > 0
+    # Every checkpoint is complete: each rank's random state is in the folder before it is renamed.
+    checkpoints = checkpoint_dirs(output)
+    assert [c.name for c in checkpoints] == [f"checkpoint-{n}" for n in range(1, max_steps + 1)]
+    assert not list((output / "checkpoints").glob("*.partial"))
+    for checkpoint in checkpoints:
+        assert {"random_states_0.pkl", "random_states_1.pkl", "model.safetensors", STATE_FILE} <= {
+            p.name for p in checkpoint.iterdir()}
+
+
+# ------------------------------------------------------------------------------------------------- 5. fine-tuning
+def finetune_args(data: Path, output: Path, *extra: str) -> list[str]:
+    return ["--data", str(data), "--label_key", "cell_type1", "--output_dir", str(output),
+            "--cache_dir", str(output.parent / "cache"), "--max_length", "64", "--per_device_batch_size", "16",
+            "--num_workers", "0", "--no_progress_bar", *extra]
+
+
+def test_finetune_from_scratch_writes_results_and_labels(finetune_data, tmp_path):
+    output = tmp_path / "run"
+    results = finetune.main(finetune_args(finetune_data, output, "--architecture", "scbert2-tiny",
+                                          "--num_epochs", "2", "--baseline_C", "0.1", "1.0"))
+    saved = json.loads((output / "results.json").read_text())
+    assert saved["num_classes"] == len(FINETUNE_CLASSES) and saved["model_type"] == "scbert2"
+    n = len(FINETUNE_CLASSES) * CELLS_PER_CLASS
+    assert sum(saved["split"].values()) == n
+    for key in ("model", "baseline_logistic_regression_l1"):
+        assert 0.0 <= saved[key]["accuracy"] <= 1.0 and 0.0 <= saved[key]["macro_f1"] <= 1.0
+    assert saved["baseline_logistic_regression_l1"]["C"] in (0.1, 1.0)
+    assert saved["model"]["steps"] > 0 and results["model"] == saved["model"]
+
+    config = AutoConfig.from_pretrained(output / "model")
+    assert config.id2label == dict(enumerate(sorted(FINETUNE_CLASSES)))
+    assert config.label2id == {name: i for i, name in enumerate(sorted(FINETUNE_CLASSES))}
+    model = AutoModelForSequenceClassification.from_pretrained(output / "model")
+    assert model.config.num_labels == len(FINETUNE_CLASSES)
+    assert GeneExpressionTokenizer.from_pretrained(output / "model").num_genes == N_GENES
+    records = log_records(output, "finetune")
+    assert any("eval_macro_f1" in r for r in records)
+
+
+def _split_args(**overrides) -> argparse.Namespace:
+    return argparse.Namespace(**{"test_size": 0.2, "validation_size": 0.1, "kfold": None, "fold": 0, "seed": 0,
+                                 **overrides})
+
+
+def test_split_cells_is_stratified_and_disjoint():
+    labels = np.repeat([0, 1, 2], [60, 30, 10])
+    names = ["a", "b", "c"]
+    split = finetune.split_cells(labels, names, _split_args())
+    parts = [set(split[k]) for k in ("train", "validation", "test")]
+    assert sum(len(p) for p in parts) == len(labels) and set().union(*parts) == set(range(len(labels)))
+    assert not (parts[0] & parts[1]) and not (parts[0] & parts[2]) and not (parts[1] & parts[2])
+    assert np.bincount(labels[split["test"]]).tolist() == [12, 6, 2]  # stratified: 20% of every class
+    assert (np.bincount(labels[split["validation"]], minlength=3) > 0).all()
+
+    tests = [finetune.split_cells(labels, names, _split_args(kfold=5, fold=k))["test"] for k in range(5)]
+    assert sorted(np.concatenate(tests).tolist()) == list(range(len(labels)))  # the folds partition the cells
+    with pytest.raises(ValueError, match=r"--fold must be in \[0, 5\)"):
+        finetune.split_cells(labels, names, _split_args(kfold=5, fold=5))
+
+
+@pytest.fixture(scope="module")
+def bert_folder(tmp_path_factory) -> Path:
+    from transformers import BertConfig, BertModel
+
+    folder = tmp_path_factory.mktemp("bert")
+    config = BertConfig(vocab_size=20, hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=8)
+    BertModel(config).save_pretrained(folder)
+    return folder
+
+
+def test_finetune_bad_inputs_fail_clearly(finetune_data, bert_folder, tmp_path):
+    import anndata as ad
+
+    output = tmp_path / "run"
+    args = finetune_args(finetune_data, output, "--architecture", "scbert2-tiny")
+    args[args.index("--label_key") + 1] = "no_such_column"
+    with pytest.raises(KeyError, match="--label_key 'no_such_column' is not a column"):
+        finetune.main(args)
+
+    lonely = ad.read_h5ad(finetune_data)
+    labels = lonely.obs["cell_type1"].astype(str).to_numpy()
+    labels[0] = "only_one_cell"
+    lonely.obs["cell_type1"] = labels
+    lonely.write_h5ad(tmp_path / "lonely.h5ad")
+    with pytest.raises(ValueError, match=r"fewer than 2 cells .*'only_one_cell': 1"):
+        finetune.main(finetune_args(tmp_path / "lonely.h5ad", output, "--architecture", "scbert2-tiny"))
+
+    (tmp_path / "empty.h5ad").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"is empty \(0 bytes\)"):
+        finetune.main(finetune_args(tmp_path / "empty.h5ad", output))
+    (tmp_path / "garbage.h5ad").write_bytes(b"not an h5ad file")
+    with pytest.raises(ValueError, match="Could not read .* as .h5ad"):
+        finetune.main(finetune_args(tmp_path / "garbage.h5ad", output))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        finetune.main(finetune_args(tmp_path / "missing.h5ad", output))
+
+    with pytest.raises(ValueError, match=r"holds a 'bert' model; expected one of \('scbert', 'scbert2'\)"):
+        finetune.main(finetune_args(finetune_data, output, "--model", str(bert_folder)))
+    (tmp_path / "no_config").mkdir()
+    with pytest.raises(FileNotFoundError, match="has no config.json"):
+        finetune.main(finetune_args(finetune_data, output, "--model", str(tmp_path / "no_config")))
+    bare = tmp_path / "no_tokenizer"
+    config = modeling_scbert.ScBert2Config.from_preset("scbert2-tiny", vocab_size=N_GENES + 3, num_bins=5)
+    AutoModelForMaskedLM.from_config(config).save_pretrained(bare)
+    with pytest.raises(FileNotFoundError, match="has no tokenizer files"):
+        finetune.main(finetune_args(finetune_data, output, "--model", str(bare)))
+
+
+def test_pretrain_refuses_a_folder_of_another_model_type(pretrain_data, bert_folder, tmp_path):
+    args = pretrain_args(pretrain_data, tmp_path / "run", "scbert2-tiny", "--max_steps", "1")
+    args[args.index("--architecture"):args.index("--architecture") + 2] = ["--model", str(bert_folder)]
+    with pytest.raises(ValueError, match="holds a 'bert' model"):
+        pretrain.main(args)
+
+
+# ------------------------------------------------------------------------------------------------- 6. optimizers, precision
+def test_adafactor_runs_and_is_the_optimizer(pretrain_data, tmp_path):
+    output = tmp_path / "run"
+    pretrain.main(pretrain_args(pretrain_data, output, "scbert2-tiny", "--optim", "adafactor", "--max_steps", "2",
+                                "--logging_steps", "1", "--checkpointing_steps", "2"))
+    assert all(np.isfinite(r["loss"]) for r in step_records(output))
+    optimizer_state = torch.load(checkpoint_dirs(output)[-1] / "optimizer.bin", weights_only=True)
+    per_parameter = list(optimizer_state["state"].values())
+    assert any("exp_avg_sq_row" in s for s in per_parameter)  # Adafactor's factored second moments
+    assert not any("exp_avg" in s for s in per_parameter)  # no AdamW moments
+
+
+def test_bf16_mixed_precision_on_cpu(pretrain_data, tmp_path):
+    from accelerate.state import AcceleratorState
+
+    output = tmp_path / "run"
+    try:
+        pretrain.main(pretrain_args(pretrain_data, output, "scbert2-tiny", "--mixed_precision", "bf16",
+                                    "--max_steps", "2", "--logging_steps", "1"))
+    except (ValueError, RuntimeError) as error:
+        if "bf16" in str(error) or "bfloat16" in str(error).lower():
+            pytest.skip(f"Accelerate refuses bf16 on this CPU: {error}")
+        raise
+    assert AcceleratorState().mixed_precision == "bf16"
+    assert all(np.isfinite(r["loss"]) for r in step_records(output))
+    assert AutoConfig.from_pretrained(output / "model").model_type == "scbert2"
+
+
+def test_mixed_precision_of_the_accelerate_config_reaches_the_scripts(pretrain_data, tmp_path, monkeypatch):
+    """`accelerate launch` passes the config's mixed_precision in the environment; the flag only overrides it."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    from train.training import make_accelerator
+
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    args = pretrain.parse_args(["--data", str(pretrain_data), "--output_dir", str(tmp_path / "a")])
+    assert args.mixed_precision is None
+    assert make_accelerator(args, "check").mixed_precision == "bf16"
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    args = pretrain.parse_args(["--data", str(pretrain_data), "--output_dir", str(tmp_path / "b"),
+                                "--mixed_precision", "no"])
+    assert make_accelerator(args, "check").mixed_precision == "no"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="fp16 mixed precision needs a CUDA GPU (none here)")
+def test_fp16_mixed_precision_on_gpu(pretrain_data, tmp_path):
+    output = tmp_path / "run"
+    pretrain.main(pretrain_args(pretrain_data, output, "scbert2-tiny", "--mixed_precision", "fp16",
+                                "--max_steps", "2", "--logging_steps", "1"))
+    assert all(np.isfinite(r["loss"]) for r in step_records(output))
+
+
+# ------------------------------------------------------------------------------------------------- 7. accelerate configs
+def _launch_args(config_file: Path):
+    """What `accelerate launch --config_file FILE` makes of the file (its own validation included)."""
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+
+    args = launch_command_parser().parse_args(["--config_file", str(config_file), "train/pretrain.py"])
+    validated = _validate_launch_command(args)
+    return validated[0] if isinstance(validated, tuple) else validated
+
+
+def test_accelerate_config_files():
+    from accelerate.commands.config.config_args import ClusterConfig, load_config_from_file
+    from accelerate.utils import DistributedType
+
+    configs = {name: load_config_from_file(str(CONFIG_DIR / f"{name}.yaml"))
+               for name in ("multi_gpu_ddp", "fsdp", "multi_node", "cpu_ddp_2proc")}
+    assert all(isinstance(c, ClusterConfig) for c in configs.values())
+
+    ddp = configs["multi_gpu_ddp"]
+    assert ddp.distributed_type == DistributedType.MULTI_GPU and ddp.num_machines == 1 and ddp.num_processes > 1
+    assert ddp.mixed_precision == "bf16" and not ddp.use_cpu
+
+    fsdp = configs["fsdp"]
+    assert fsdp.distributed_type == DistributedType.FSDP and fsdp.mixed_precision == "bf16"
+    assert fsdp.fsdp_config["fsdp_auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP"
+    assert fsdp.fsdp_config["fsdp_reshard_after_forward"] in (True, "FULL_SHARD")  # FSDP2 / FSDP1 full shard
+    layer = fsdp.fsdp_config["fsdp_transformer_layer_cls_to_wrap"]
+    assert layer == "ScBert2EncoderLayer" and layer in modeling_scbert.ScBert2PreTrainedModel._no_split_modules
+    assert hasattr(modeling_scbert.modeling_scbert2, layer)
+
+    node = configs["multi_node"]
+    assert node.num_machines == 2 and node.machine_rank == 0 and node.num_processes % 2 == 0
+    assert node.main_process_ip == "MAIN_MACHINE_IP_OR_HOSTNAME" and node.main_process_port == 29500
+
+    cpu = configs["cpu_ddp_2proc"]
+    assert cpu.num_processes == 2 and cpu.num_machines == 1 and cpu.mixed_precision == "no"
+    # MULTI_GPU so that `accelerate launch` starts 2 processes; make_accelerator then uses gloo on the CPU.
+    assert cpu.distributed_type == DistributedType.MULTI_GPU
+
+    # accelerate launch accepts every file and turns it into the intended launcher settings.
+    assert _launch_args(CONFIG_DIR / "multi_gpu_ddp.yaml").multi_gpu
+    fsdp_launch = _launch_args(CONFIG_DIR / "fsdp.yaml")
+    assert fsdp_launch.use_fsdp and fsdp_launch.fsdp_transformer_layer_cls_to_wrap == "ScBert2EncoderLayer"
+    node_launch = _launch_args(CONFIG_DIR / "multi_node.yaml")
+    assert node_launch.num_machines == 2 and node_launch.main_process_ip == "MAIN_MACHINE_IP_OR_HOSTNAME"
+    cpu_launch = _launch_args(CONFIG_DIR / "cpu_ddp_2proc.yaml")
+    assert cpu_launch.multi_gpu and cpu_launch.num_processes == 2 and not cpu_launch.cpu
+    readme = (CONFIG_DIR / "README.md").read_text()
+    assert all(f"{name}.yaml" in readme for name in configs)
+
+
+def test_fsdp_wrap_class_resolves_on_a_real_model():
+    """The class named in fsdp.yaml is found by Accelerate's transformer auto-wrap policy on an scBERT 2.0 model."""
+    import yaml
+    from accelerate.utils import FullyShardedDataParallelPlugin
+    from accelerate.utils.fsdp_utils import fsdp2_prepare_auto_wrap_policy
+
+    fsdp_config = yaml.safe_load((CONFIG_DIR / "fsdp.yaml").read_text())["fsdp_config"]
+    config = modeling_scbert.ScBert2Config.from_preset("scbert2-tiny", vocab_size=50, num_bins=5)
+    model = AutoModelForMaskedLM.from_config(config)
+    plugin = FullyShardedDataParallelPlugin(
+        fsdp_version=fsdp_config["fsdp_version"], auto_wrap_policy="transformer_based_wrap",
+        transformer_cls_names_to_wrap=[fsdp_config["fsdp_transformer_layer_cls_to_wrap"]],
+        reshard_after_forward=fsdp_config["fsdp_reshard_after_forward"])
+    plugin.set_auto_wrap_policy(model)
+    policy = fsdp2_prepare_auto_wrap_policy(plugin, model)
+    wrapped = [type(module).__name__ for module in model.modules() if policy(module)]
+    assert wrapped == ["ScBert2EncoderLayer"] * config.num_hidden_layers
