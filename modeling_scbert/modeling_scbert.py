@@ -403,29 +403,11 @@ class ScBertForSequenceClassification(ScBertPreTrainedModel):
 
         loss = None
         if labels is not None:
-            loss = self._loss(logits, labels.to(logits.device))
+            # transformers' shared loss: problem type inferred from num_labels and the labels' dtype
+            loss = self.loss_function(labels=labels, pooled_logits=logits, config=self.config)
 
         output = SequenceClassifierOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states)
         return output if return_dict else output.to_tuple()
-
-    def _loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """transformers' convention: the problem type is inferred once from num_labels and the labels' dtype."""
-        if self.config.problem_type is None:
-            if self.num_labels == 1:
-                self.config.problem_type = "regression"
-            elif labels.dtype in (torch.long, torch.int):
-                self.config.problem_type = "single_label_classification"
-            else:
-                self.config.problem_type = "multi_label_classification"
-
-        if self.config.problem_type == "regression":
-            if self.num_labels == 1:
-                return F.mse_loss(logits.squeeze(), labels.squeeze().to(logits.dtype))
-            return F.mse_loss(logits, labels.to(logits.dtype))
-        if self.config.problem_type == "single_label_classification":
-            # [batch, num_labels] logits against [batch] class indices
-            return F.cross_entropy(logits.view(-1, self.num_labels), labels.view(-1))
-        return F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype))
 
 
 __all__ = [

@@ -568,21 +568,8 @@ class ScBert2ForSequenceClassification(ScBert2PreTrainedModel):
 
         loss = None
         if labels is not None:
-            labels = labels.to(logits.device)
-            if self.config.problem_type is None:
-                if self.num_labels == 1:
-                    self.config.problem_type = "regression"
-                elif labels.dtype in (torch.long, torch.int):
-                    self.config.problem_type = "single_label_classification"
-                else:
-                    self.config.problem_type = "multi_label_classification"
-            if self.config.problem_type == "regression":
-                predictions = logits.squeeze(-1) if self.num_labels == 1 else logits  # [B, 1] -> [B]
-                loss = F.mse_loss(predictions, labels.float().reshape(predictions.shape))  # labels [B] or [B, C]
-            elif self.config.problem_type == "single_label_classification":
-                loss = F.cross_entropy(logits.reshape(-1, self.num_labels), labels.reshape(-1))  # [B, C], [B]
-            else:
-                loss = F.binary_cross_entropy_with_logits(logits, labels.float())
+            # transformers' shared loss: problem type inferred from num_labels and the labels' dtype
+            loss = self.loss_function(labels=labels, pooled_logits=logits, config=self.config)
             if outputs.aux_loss is not None:
                 loss = loss + self.config.router_aux_loss_coef * outputs.aux_loss
 

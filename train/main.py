@@ -28,10 +28,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--label_key", default="cell_type1")
     parser.add_argument("--architecture", default="scbert2-moe")
     parser.add_argument("--output_dir", default=str(ROOT / "outputs" / "main"))
-    parser.add_argument("--pretrain_epochs", type=int, default=2)
+    parser.add_argument("--pretrain_epochs", type=int, default=1)
     parser.add_argument("--finetune_epochs", type=int, default=5)
-    parser.add_argument("--max_length", type=int, default=256, help="tokens per cell (most expressed genes)")
+    parser.add_argument("--max_length", type=int, default=128, help="tokens per cell (most expressed genes)")
     parser.add_argument("--batch_size", type=int, default=16)
+    parser.add_argument("--learning_rate", type=float, default=2e-3)
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--launcher", default=f"{sys.executable}",
                         help="how to start each stage, e.g. 'accelerate launch --num_processes 2 --multi_gpu'")
@@ -48,6 +49,7 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     output = Path(args.output_dir)
     common = ["--seed", str(args.seed), "--per_device_batch_size", str(args.batch_size),
+              "--learning_rate", str(args.learning_rate), "--no_progress_bar",
               "--cache_dir", str(output / "cache")]
     start = time.perf_counter()
     run_stage(args.launcher, "pretrain.py", [

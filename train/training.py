@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.tracking import GeneralTracker
-from accelerate.utils import ProjectConfiguration, set_seed
+from accelerate.utils import ProjectConfiguration
 from torch.utils.data import DataLoader, Sampler
 from transformers import Adafactor, AutoConfig, get_cosine_schedule_with_warmup
 from transformers.trainer_pt_utils import get_length_grouped_indices
@@ -312,8 +312,9 @@ def load_pretrained_folder(folder: str | os.PathLike, expected_types=("scbert", 
 def architecture_config(architecture: str, tokenizer: GeneExpressionTokenizer, **overrides: Any):
     """A fresh config for ``architecture``: a scBERT 2.0 preset name, or ``scbert`` / ``scbert-small``."""
     if architecture.startswith("scbert2"):
+        # Mean pooling: masked-regression pretraining never trains the CLS output, the gene tokens it does train.
         return modeling_scbert.ScBert2Config.from_preset(
-            architecture, vocab_size=tokenizer.vocab_size, num_bins=tokenizer.num_bins, **overrides
+            architecture, vocab_size=tokenizer.vocab_size, num_bins=tokenizer.num_bins, **{"pooling": "mean", **overrides}
         )
     if architecture in ("scbert", "scbert-small"):
         small = dict(dim=64, depth=2, heads=4, dim_head=16, nb_features=64) if architecture == "scbert-small" else {}
@@ -610,7 +611,6 @@ def save_model_folder(model, tokenizer: GeneExpressionTokenizer, folder: str | o
 # ---------------------------------------------------------------------------------------------------- gene embeddings
 def dataset_matrix(dataset, tokenizer: GeneExpressionTokenizer):
     """Cells x vocabulary-genes CSR matrix rebuilt from the Arrow list columns (offsets reused, no per-cell loop)."""
-    import pyarrow as pa
     import scipy.sparse as sp
 
     table = dataset.with_format("arrow")[:]
