@@ -1,0 +1,54 @@
+"""SVD gene-embedding initialisation of scBERT 2.0 from the training cells (train/training.py)."""
+
+import argparse
+
+import numpy as np
+import torch
+
+import modeling_scbert
+from tokenization import GeneExpressionTokenizer
+from train.training import dataset_matrix, initialise_gene_embeddings, svd_gene_embeddings
+
+
+def test_dataset_matrix_rebuilds_the_selected_cells_exactly(baron_small):
+    tok = GeneExpressionTokenizer.from_adata(baron_small)
+    dataset = tok.to_dataset(baron_small, label_key="cell_type1")
+    rows = np.array([7, 3, 150, 42])
+    expected = tok.encode_matrix(baron_small)[rows].toarray()
+    np.testing.assert_array_equal(dataset_matrix(dataset.select(rows), tok).toarray(), expected)
+
+
+def test_svd_vectors_have_the_requested_scale_and_put_co_expressed_genes_together(baron_small):
+    tok = GeneExpressionTokenizer.from_adata(baron_small)
+    matrix = tok.encode_matrix(baron_small)
+    vectors = svd_gene_embeddings(matrix, hidden_size=32, std=0.5, seed=0)
+    assert vectors.shape == (tok.num_genes, 32)
+    np.testing.assert_allclose(vectors.std(), 0.5, rtol=1e-5)
+    never_expressed = np.asarray(matrix.sum(axis=0)).ravel() == 0
+    assert np.abs(vectors[never_expressed]).max() < 1e-4  # vs std 0.5: numerically zero
+    # Ins1 and Ins2 (both beta cell) are closer to each other than Ins1 is to the ductal marker Krt19.
+    index = {g: i for i, g in enumerate(tok.genes)}
+    cosine = lambda a, b: a @ b / (np.linalg.norm(a) * np.linalg.norm(b))  # noqa: E731
+    ins1, ins2, krt19 = (vectors[index[g]] for g in ("Ins1", "Ins2", "Krt19"))
+    assert cosine(ins1, ins2) > cosine(ins1, krt19)
+
+
+def test_initialise_gene_embeddings_loads_the_svd_rows_after_the_special_tokens(baron_small):
+    tok = GeneExpressionTokenizer.from_adata(baron_small)
+    dataset = tok.to_dataset(baron_small)
+    config = modeling_scbert.ScBert2Config.from_preset("scbert2-tiny", vocab_size=tok.vocab_size)
+    model = modeling_scbert.ScBert2Model(config)
+    before = model.get_input_embeddings().weight.detach().clone()
+    args = argparse.Namespace(gene_embedding_init="svd", gene_embedding_std=0.5, seed=0)
+    initialise_gene_embeddings(model, dataset, tok, args)
+    weight = model.get_input_embeddings().weight.detach()
+    expected = svd_gene_embeddings(dataset_matrix(dataset, tok), config.hidden_size, 0.5, 0)
+    torch.testing.assert_close(weight[tok.num_special_tokens:], torch.from_numpy(expected))
+    torch.testing.assert_close(weight[tok.mask_token_id], before[tok.mask_token_id])
+    assert torch.all(weight[tok.pad_token_id] == 0)
+
+    random_args = argparse.Namespace(gene_embedding_init="random", gene_embedding_std=0.5, seed=0)
+    untouched = modeling_scbert.ScBert2Model(config)
+    reference = untouched.get_input_embeddings().weight.detach().clone()
+    initialise_gene_embeddings(untouched, dataset, tok, random_args)
+    torch.testing.assert_close(untouched.get_input_embeddings().weight.detach(), reference)
