@@ -29,7 +29,8 @@ from torch import nn
 from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
-from transformers.masking_utils import create_bidirectional_mask
+from transformers.masking_utils import create_bidirectional_mask, packed_sequence_mask_function
+from transformers.modeling_flash_attention_utils import prepare_fa_kwargs_from_position_ids
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import SequenceClassifierOutput
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
@@ -44,6 +45,42 @@ from .configuration_scbert2 import ScBert2Config
 
 class ScBert2RMSNorm(LlamaRMSNorm):
     """Llama's RMSNorm (variance in float32, learned scale)."""
+
+
+def packed_cu_seq_lens(
+    input_ids: torch.LongTensor,
+    attention_mask: torch.Tensor | None,
+    position_ids: torch.LongTensor | None,
+    cu_seq_lens_q: torch.Tensor | None,
+) -> torch.Tensor | None:
+    """The cell boundaries [num_cells + 1] of a packed row, or None for a padded batch.
+
+    A batch is packed (padding-free, cells concatenated into one row) when it carries `cu_seq_lens_q` or
+    `position_ids`, as transformers' `DataCollatorWithFlattening` builds it; without `cu_seq_lens_q` the boundaries are
+    where `position_ids` restart.
+    """
+    if cu_seq_lens_q is None and position_ids is None:
+        return None
+    if attention_mask is not None or input_ids.shape[0] != 1:
+        raise ValueError(
+            "`position_ids` / `cu_seq_lens_q` mark a packed batch: all cells concatenated into one row of shape "
+            f"[1, total_tokens] with no `attention_mask`; got input_ids of shape {tuple(input_ids.shape)} and "
+            f"attention_mask={'given' if attention_mask is not None else None}. Pass either a padded batch with its "
+            "attention_mask or a packed row (tokenizer.collate(cells, packed=True))."
+        )
+    if cu_seq_lens_q is None:
+        (cu_seq_lens_q, _), _ = prepare_fa_kwargs_from_position_ids(position_ids)
+    if not torch.compiler.is_compiling() and int(cu_seq_lens_q[-1]) != input_ids.shape[1]:
+        raise ValueError(
+            f"cu_seq_lens_q ends at {int(cu_seq_lens_q[-1])} but the packed row holds {input_ids.shape[1]} tokens."
+        )
+    return cu_seq_lens_q
+
+
+def packed_segment_ids(cu_seq_lens: torch.Tensor, num_tokens: int) -> torch.LongTensor:
+    """The index of the cell each token of a packed row belongs to, [num_tokens]: i where cu[i] <= t < cu[i + 1]."""
+    token_index = torch.arange(num_tokens, device=cu_seq_lens.device, dtype=cu_seq_lens.dtype)
+    return torch.searchsorted(cu_seq_lens[1:], token_index, right=True)
 
 
 class ScBert2MLP(nn.Module):
@@ -127,8 +164,10 @@ class ScBert2Attention(nn.Module):
         self.o_proj = nn.Linear(config.num_attention_heads * self.head_dim, config.hidden_size, bias=False)
 
     def forward(
-        self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None
+        self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`kwargs`: for a packed row, `position_ids` and the FlashAttentionKwargs (`cu_seq_lens_q/k`,
+        `max_length_q/k`) that make flash attention run its varlen kernel cell by cell."""
         input_shape = hidden_states.shape[:-1]
         hidden_shape = (*input_shape, -1, self.head_dim)
 
@@ -148,6 +187,7 @@ class ScBert2Attention(nn.Module):
             attention_mask,
             dropout=0.0 if not self.training else self.attention_dropout,
             scaling=self.scaling,
+            **kwargs,
         )
 
         attn_output = attn_output.reshape(*input_shape, -1).contiguous()  # [B, L, heads, D] -> [B, L, heads * D]
@@ -172,9 +212,10 @@ class ScBert2EncoderLayer(GradientCheckpointingLayer):
         hidden_states: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         token_mask: torch.Tensor | None = None,
+        **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         residual = hidden_states
-        hidden_states, _ = self.self_attn(self.input_layernorm(hidden_states), attention_mask=attention_mask)
+        hidden_states, _ = self.self_attn(self.input_layernorm(hidden_states), attention_mask=attention_mask, **kwargs)
         hidden_states = residual + self.dropout(hidden_states)
 
         residual = hidden_states
@@ -210,7 +251,10 @@ class ScBert2AutoDiscretizationEmbedding(nn.Module):
 
 
 class ScBert2Embeddings(nn.Module):
-    """Gene embedding + value embedding; learned value embeddings replace the value at masked and padding tokens."""
+    """Gene embedding + value embedding; learned value embeddings replace the value at masked and padding tokens.
+
+    `attention_mask=None` means there is no padding (a packed row).
+    """
 
     def __init__(self, config: ScBert2Config):
         super().__init__()
@@ -227,7 +271,7 @@ class ScBert2Embeddings(nn.Module):
     def forward(
         self,
         input_ids: torch.LongTensor,
-        attention_mask: torch.Tensor,
+        attention_mask: torch.Tensor | None,
         values: torch.Tensor | None = None,
         bin_ids: torch.LongTensor | None = None,
         value_mask: torch.Tensor | None = None,
@@ -245,7 +289,8 @@ class ScBert2Embeddings(nn.Module):
         # [B, L] -> [B, L, 1] masks select per token between [B, L, H] embeddings and a broadcast [H] vector
         if value_mask is not None:
             value_embeds = torch.where(value_mask.bool().unsqueeze(-1), self.mask_value_embedding, value_embeds)
-        value_embeds = torch.where(attention_mask.bool().unsqueeze(-1), value_embeds, self.pad_value_embedding)
+        if attention_mask is not None:
+            value_embeds = torch.where(attention_mask.bool().unsqueeze(-1), value_embeds, self.pad_value_embedding)
         return self.dropout(self.gene_embeddings(input_ids) + value_embeds)
 
 
@@ -305,7 +350,7 @@ class ScBert2ModelOutput(ModelOutput):
     """
     Args:
         last_hidden_state (`torch.FloatTensor` of shape `(batch_size, sequence_length, hidden_size)`):
-            Final hidden states, after the last RMSNorm.
+            Final hidden states, after the last RMSNorm; `(1, total_tokens, hidden_size)` for a packed row.
         hidden_states (`tuple(torch.FloatTensor)`, *optional*, returned with `output_hidden_states=True`):
             The embeddings and the output of every layer.
         attentions (`tuple(torch.FloatTensor)`, *optional*, returned with `output_attentions=True` (eager)):
@@ -343,11 +388,15 @@ class ScBert2Model(ScBert2PreTrainedModel):
         attention_mask: torch.Tensor | None = None,
         value_mask: torch.Tensor | None = None,
         output_router_logits: bool | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cu_seq_lens_q: torch.Tensor | None = None,
+        max_length_q: int | None = None,
         **kwargs,
     ) -> ScBert2ModelOutput:
         r"""
         Args:
-            input_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`): gene token ids, right-padded.
+            input_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`): gene token ids, right-padded;
+                or `(1, total_tokens)` for a packed row.
             values (`torch.FloatTensor` of shape `(batch_size, sequence_length)`): log-normalised expression.
             bin_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`): expression bins 0..num_bins.
             attention_mask (`torch.LongTensor` of shape `(batch_size, sequence_length)`): 1 for real tokens, 0 for
@@ -355,25 +404,63 @@ class ScBert2Model(ScBert2PreTrainedModel):
             value_mask (`torch.BoolTensor` of shape `(batch_size, sequence_length)`): True where the value is hidden
                 (masked regression); those tokens get the learned mask value embedding.
             output_router_logits (`bool`, *optional*): return the router logits of every MoE layer.
-            kwargs: `output_hidden_states`, `output_attentions`, `return_dict`; other keys are ignored.
+            position_ids (`torch.LongTensor` of shape `(1, total_tokens)`, *optional*): packed row only: each token's
+                index in its cell, restarting at 0 per cell (the model has no positional embedding: they only mark
+                the cells).
+            cu_seq_lens_q (`torch.IntTensor` of shape `(num_cells + 1,)`, *optional*): packed row only: the cell
+                boundaries (0, end of cell 1, ..., total_tokens); derived from `position_ids` when not given.
+            max_length_q (`int`, *optional*): packed row only: the longest cell; derived when not given.
+            kwargs: `output_hidden_states`, `output_attentions`, `return_dict`; other keys (e.g. `cu_seq_lens_k`,
+                `max_length_k`, equal to the `_q` ones in self-attention) are ignored.
+
+        A packed row (`tokenizer.collate(cells, packed=True)`) has no padding: flash attention runs its varlen kernel
+        per cell from `cu_seq_lens`; eager / sdpa / flex_attention get a block-diagonal mask (cells attend only within
+        themselves); an attention function registered with `AttentionInterface` gets no mask and the boundaries.
         """
         if output_router_logits is None:
             output_router_logits = self.config.output_router_logits
-        if attention_mask is None:
-            attention_mask = (input_ids != self.config.pad_token_id).long()
+        cu_seq_lens = packed_cu_seq_lens(input_ids, attention_mask, position_ids, cu_seq_lens_q)
 
-        hidden_states = self.embeddings(
-            input_ids, attention_mask, values=values, bin_ids=bin_ids, value_mask=value_mask
-        )
-        bidirectional_mask = create_bidirectional_mask(
-            config=self.config, inputs_embeds=hidden_states, attention_mask=attention_mask
-        )
-        token_mask = attention_mask.bool()
+        if cu_seq_lens is None:
+            if attention_mask is None:
+                attention_mask = (input_ids != self.config.pad_token_id).long()
+            hidden_states = self.embeddings(
+                input_ids, attention_mask, values=values, bin_ids=bin_ids, value_mask=value_mask
+            )
+            bidirectional_mask = create_bidirectional_mask(
+                config=self.config, inputs_embeds=hidden_states, attention_mask=attention_mask
+            )
+            token_mask = attention_mask.bool()
+            attention_kwargs = {}
+        else:
+            # Every token of a packed row is real: no pad embedding, all tokens routed and counted in the aux loss.
+            hidden_states = self.embeddings(input_ids, None, values=values, bin_ids=bin_ids, value_mask=value_mask)
+            token_mask = None
+            # flash_attention_* and custom kernels get None here (they separate the cells by cu_seq_lens); eager,
+            # sdpa and flex get a block-diagonal [1, 1, T, T] mask so that no token attends to another cell.
+            segment_ids = packed_segment_ids(cu_seq_lens, input_ids.shape[1])
+            bidirectional_mask = create_bidirectional_mask(
+                config=self.config,
+                inputs_embeds=hidden_states,
+                attention_mask=None,
+                and_mask_function=packed_sequence_mask_function(segment_ids.unsqueeze(0)),  # [T] -> [1, T]
+            )
+            if max_length_q is None:
+                max_length_q = int(cu_seq_lens.diff().max())
+            # Self-attention: keys and queries share the boundaries. Passing all four lets flash attention take its
+            # varlen path directly, without inferring the boundaries from position_ids again in every layer.
+            attention_kwargs = {
+                "position_ids": position_ids,
+                "cu_seq_lens_q": cu_seq_lens,
+                "cu_seq_lens_k": cu_seq_lens,
+                "max_length_q": max_length_q,
+                "max_length_k": max_length_q,
+            }
 
         all_router_logits = []
         for encoder_layer in self.layers:
             hidden_states, router_logits = encoder_layer(
-                hidden_states, attention_mask=bidirectional_mask, token_mask=token_mask
+                hidden_states, attention_mask=bidirectional_mask, token_mask=token_mask, **attention_kwargs
             )
             if router_logits is not None:
                 all_router_logits.append(router_logits)
@@ -521,16 +608,39 @@ class ScBert2ForSequenceClassification(ScBert2PreTrainedModel):
         self.post_init()
 
     def pool(
-        self, last_hidden_state: torch.Tensor, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None
+        self,
+        last_hidden_state: torch.Tensor,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None,
+        cu_seq_lens: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """[B, L, H] -> [B, H]: the CLS token (`pooling="cls"`) or the mean over the non-padding gene tokens."""
+        """One vector per cell: the CLS token (`pooling="cls"`) or the mean over the cell's non-padding gene tokens.
+
+        Padded batch: [B, L, H] -> [B, H]. Packed row with boundaries `cu_seq_lens` [N + 1]: [1, T, H] -> [N, H].
+        """
+        if cu_seq_lens is None:
+            first_ids, first_states = input_ids[:, 0], last_hidden_state[:, 0]
+        else:
+            cell_starts = cu_seq_lens[:-1].long()
+            first_ids, first_states = input_ids[0, cell_starts], last_hidden_state[0, cell_starts]
         if self.config.pooling == "cls":
-            if not torch.compiler.is_compiling() and not bool((input_ids[:, 0] == self.config.cls_token_id).all()):
+            if not torch.compiler.is_compiling() and not bool((first_ids == self.config.cls_token_id).all()):
                 raise ValueError(
                     f"pooling='cls' needs the CLS token (id {self.config.cls_token_id}) at position 0 of every cell; "
                     "tokenize with add_cls_token=True or use pooling='mean'."
                 )
-            return last_hidden_state[:, 0]
+            return first_states
+        if cu_seq_lens is not None:
+            # Per-cell sums by scattering each token into its cell's row; CLS tokens add zero.
+            token_states = last_hidden_state[0]  # [1, T, H] -> [T, H]
+            gene_mask = (input_ids[0] != self.config.cls_token_id).unsqueeze(-1)  # [1, T] -> [T] -> [T, 1]
+            segment_ids = packed_segment_ids(cu_seq_lens, token_states.shape[0])
+            num_cells = cu_seq_lens.shape[0] - 1
+            summed = token_states.new_zeros(num_cells, token_states.shape[-1]).index_add(
+                0, segment_ids, torch.where(gene_mask, token_states, 0.0)
+            )
+            counts = token_states.new_zeros(num_cells, 1).index_add(0, segment_ids, gene_mask.to(token_states.dtype))
+            return summed / counts.clamp(min=1)
         if attention_mask is None:
             attention_mask = input_ids != self.config.pad_token_id
         gene_mask = (attention_mask.bool() & (input_ids != self.config.cls_token_id)).unsqueeze(-1)  # [B, L, 1]
@@ -546,24 +656,31 @@ class ScBert2ForSequenceClassification(ScBert2PreTrainedModel):
         attention_mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         output_router_logits: bool | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cu_seq_lens_q: torch.Tensor | None = None,
         **kwargs,
     ) -> ScBert2SequenceClassifierOutput:
         r"""
         Args:
             labels (`torch.LongTensor` of shape `(batch_size,)`, *optional*): class ids for single-label
                 classification, float targets for regression (`num_labels == 1`) or multi-hot floats for
-                multi-label classification, following `config.problem_type` as in transformers.
+                multi-label classification, following `config.problem_type` as in transformers. One per cell also
+                for a packed row, whose logits are `(num_cells, num_labels)`.
             Other arguments: as in [`ScBert2Model.forward`].
         """
+        # Resolved here too (not only in the model): pooling needs the cell boundaries, even from position_ids alone.
+        cu_seq_lens = packed_cu_seq_lens(input_ids, attention_mask, position_ids, cu_seq_lens_q)
         outputs: ScBert2ModelOutput = self.model(
             input_ids,
             values=values,
             bin_ids=bin_ids,
             attention_mask=attention_mask,
             output_router_logits=output_router_logits,
+            position_ids=position_ids,
+            cu_seq_lens_q=cu_seq_lens,
             **kwargs,
         )
-        pooled_output = self.pool(outputs.last_hidden_state, input_ids, attention_mask)
+        pooled_output = self.pool(outputs.last_hidden_state, input_ids, attention_mask, cu_seq_lens)
         logits = self.classifier(self.dropout(pooled_output))
 
         loss = None

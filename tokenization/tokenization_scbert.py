@@ -7,7 +7,8 @@ holds raw counts, and turned into the sparse form "expressed vocabulary genes + 
 - ``"scbert"`` (v1): one token per vocabulary gene in fixed order plus scBERT's trailing extra token; the token is the
   expression bin ``min(floor(log2(1 + normalised)), num_bins)``; gene identity is the position.
 - ``"scbert2"``: only the expressed genes (optionally a sampled share of zeros, truncated to the most expressed
-  ``max_length``), as gene ids, continuous values, bin ids and an attention mask, padded to the batch's longest cell.
+  ``max_length``), as gene ids, continuous values, bin ids and an attention mask, padded to the batch's longest cell
+  (or, with ``packed=True``, concatenated into one unpadded row with per-cell boundaries for flash attention).
 
 This file imports only numpy/scipy/anndata/transformers (datasets lazily) so that it can be copied into a model folder
 and loaded as Hub remote code.
@@ -388,18 +389,37 @@ class GeneExpressionTokenizer(PushToHubMixin):
         """scBERT's binning of log2 values: min(floor(value), num_bins), so 0 stays 0."""
         return np.minimum(np.floor(values), self.num_bins).astype(np.int64)
 
-    def collate(self, cells: Sequence[dict[str, Any]], return_tensors: str | None = "pt") -> BatchEncoding:
+    def collate(
+        self, cells: Sequence[dict[str, Any]], return_tensors: str | None = "pt", packed: bool = False
+    ) -> BatchEncoding:
         """Pads a list of sparse cells ({"gene_ids", "values"[, "label"]}) into one model batch for this mode.
 
         ``gene_ids`` are token ids (genes start after the special tokens), as stored by ``to_dataset``.
+
+        With ``packed=True`` (``mode="scbert2"`` only) nothing is padded: the cells are concatenated into one row
+        ``[1, total_tokens]`` (each keeps its CLS first), with ``position_ids`` restarting at 0 per cell,
+        ``cu_seq_lens_q``/``cu_seq_lens_k`` (int32 cell boundaries, ``[num_cells + 1]``) and
+        ``max_length_q``/``max_length_k`` (python ints), the padding-free inputs of transformers' flash attention
+        (as ``DataCollatorWithFlattening`` builds them), and no ``attention_mask``. ``labels`` stay one per cell.
         """
         if not cells:
             raise ValueError("collate got an empty list of cells.")
-        build = self._collate_full_panel if self.mode == "scbert" else self._collate_expressed
-        batch = build(cells)
+        if packed and self.mode != "scbert2":
+            raise ValueError(
+                f"packed=True needs mode='scbert2', got mode={self.mode!r}: scBERT v1 takes every vocabulary gene in "
+                "fixed positions, so its cells all have the same length and there is no padding to remove."
+            )
+        if self.mode == "scbert":
+            batch = self._collate_full_panel(cells)
+        else:
+            batch = self._collate_expressed(cells, packed)
         if "label" in cells[0]:
             batch["labels"] = np.asarray([cell["label"] for cell in cells], dtype=np.int64)
-        return BatchEncoding(batch, tensor_type=return_tensors)
+        encoding = BatchEncoding(batch, tensor_type=return_tensors)
+        if packed:
+            # Set after the tensor conversion: flash attention's varlen kernel takes the maximum lengths as ints.
+            encoding["max_length_q"] = encoding["max_length_k"] = int(np.diff(batch["cu_seq_lens_q"]).max())
+        return encoding
 
     def _collate_full_panel(self, cells: Sequence[dict[str, Any]]) -> dict[str, np.ndarray]:
         # scBERT's trailing extra token (bin 0) stays in the last column.
@@ -409,10 +429,12 @@ class GeneExpressionTokenizer(PushToHubMixin):
             input_ids[row, positions] = self.bin_values(np.asarray(cell["values"], dtype=np.float32))
         return {"input_ids": input_ids, "attention_mask": np.ones_like(input_ids)}
 
-    def _collate_expressed(self, cells: Sequence[dict[str, Any]]) -> dict[str, np.ndarray]:
+    def _collate_expressed(self, cells: Sequence[dict[str, Any]], packed: bool) -> dict[str, np.ndarray]:
         offset = 1 if self.add_cls_token else 0
         budget = None if self.max_length is None else self.max_length - offset
         chosen = [self._select_genes(cell, budget) for cell in cells]
+        if packed:
+            return self._pack_expressed(chosen, offset)
         length = offset + max(len(ids) for ids, _ in chosen)
         input_ids = np.full((len(cells), length), self.pad_token_id, dtype=np.int64)
         values = np.zeros((len(cells), length), dtype=np.float32)
@@ -429,6 +451,24 @@ class GeneExpressionTokenizer(PushToHubMixin):
             "values": values,
             "bin_ids": self.bin_values(values),
             "attention_mask": attention_mask,
+        }
+
+    def _pack_expressed(self, chosen: list[tuple[np.ndarray, np.ndarray]], offset: int) -> dict[str, np.ndarray]:
+        cls_ids = np.full(offset, self.cls_token_id, dtype=np.int64)
+        cls_values = np.zeros(offset, dtype=np.float32)
+        input_ids = np.concatenate([np.concatenate([cls_ids, ids]) for ids, _ in chosen])
+        values = np.concatenate([np.concatenate([cls_values, vals]) for _, vals in chosen])
+        lengths = np.asarray([offset + len(ids) for ids, _ in chosen], dtype=np.int64)
+        cu_seq_lens = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+        # Each token's index in the row minus its cell's start: 0, 1, ... restarting at every cell.
+        position_ids = np.arange(len(input_ids), dtype=np.int64) - np.repeat(cu_seq_lens[:-1].astype(np.int64), lengths)
+        return {
+            "input_ids": input_ids[None],  # [T] -> [1, T]
+            "values": values[None],  # [T] -> [1, T]
+            "bin_ids": self.bin_values(values)[None],  # [T] -> [1, T]
+            "position_ids": position_ids[None],  # [T] -> [1, T]
+            "cu_seq_lens_q": cu_seq_lens,
+            "cu_seq_lens_k": cu_seq_lens.copy(),
         }
 
     def _select_genes(self, cell: dict[str, Any], budget: int | None) -> tuple[np.ndarray, np.ndarray]:
