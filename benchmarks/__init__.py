@@ -1,0 +1,1 @@
+"""Speed, memory and FLOP benchmarks of the scBERT family and its peers: `python benchmarks/run.py`."""
