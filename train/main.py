@@ -28,8 +28,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--label_key", default="cell_type1")
     parser.add_argument("--architecture", default="scbert2-moe")
     parser.add_argument("--output_dir", default=str(ROOT / "outputs" / "main"))
-    parser.add_argument("--pretrain_epochs", type=int, default=1)
-    parser.add_argument("--finetune_epochs", type=int, default=5)
+    parser.add_argument("--pretrain_epochs", type=int, default=2)
+    parser.add_argument("--finetune_epochs", type=int, default=20)
     parser.add_argument("--max_length", type=int, default=128, help="tokens per cell (most expressed genes)")
     parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("--learning_rate", type=float, default=2e-3)
@@ -59,7 +59,8 @@ def main(argv=None) -> dict:
     pretrain_seconds = time.perf_counter() - start
     run_stage(args.launcher, "finetune.py", [
         "--data", args.data, "--label_key", args.label_key, "--model", str(output / "pretrain" / "model"),
-        "--num_epochs", str(args.finetune_epochs), "--output_dir", str(output / "finetune"), *common])
+        "--num_epochs", str(args.finetune_epochs), "--patience", "5", "--output_dir", str(output / "finetune"),
+        *common])
     results = json.loads((output / "finetune" / "results.json").read_text())
     results["pretrain"] = json.loads((output / "pretrain" / "pretrain_summary.json").read_text())
     results["pretrain"]["wall_seconds"] = pretrain_seconds
