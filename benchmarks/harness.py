@@ -18,6 +18,7 @@ from benchmarks.measure import (
     repeat_timings,
     synchronizer,
     timed,
+    wait_for_idle,
 )
 from benchmarks.models import ModelSpec
 
@@ -33,6 +34,11 @@ class Settings:
     slow_call_s: float = 10.0  # calls slower than this (the Performers, eager attention at batch 32) ...
     min_repeats_slow: int = 2  # ... get this minimum instead, to keep the full run within ~25 minutes
     max_batch_size: int | None = None  # --quick caps batch sizes
+    # Shared machines: wait (up to idle_timeout_s) until other processes use at most max_other_cpu_share of the
+    # CPUs before each measurement, and measure again (up to max_attempts) if they took more meanwhile.
+    max_other_cpu_share: float = 0.05
+    idle_timeout_s: float = 300.0
+    max_attempts: int = 3
     seed: int = 0
 
     def to_json(self) -> dict:
@@ -68,6 +74,18 @@ def _measure(step, counted_step, spec: ModelSpec, settings: Settings, extra_warm
             **contention}
 
 
+def _measure_quietly(step, counted_step, spec: ModelSpec, settings: Settings, extra_warmup: int) -> dict:
+    """`_measure` on an idle machine: the attempt least disturbed by other processes is kept."""
+    attempts, waited = [], 0.0
+    for _ in range(settings.max_attempts):
+        waited += wait_for_idle(settings.max_other_cpu_share, settings.idle_timeout_s)
+        attempts.append(_measure(step, counted_step, spec, settings, extra_warmup))
+        if attempts[-1]["other_cpu_share"] <= settings.max_other_cpu_share:
+            break
+    best = min(attempts, key=lambda a: a["other_cpu_share"])
+    return {**best, "attempts": len(attempts), "waited_for_idle_s": waited}
+
+
 def _summarise(raw: dict, task: str, batch_size: int, batches: list[dict[str, torch.Tensor]]) -> dict:
     seconds = median(raw["repeats_s"])
     num_cells = sum(b["input_ids"].shape[0] for b in batches)
@@ -86,6 +104,8 @@ def _summarise(raw: dict, task: str, batch_size: int, batches: list[dict[str, to
         "memory": raw["memory"],
         "other_cpu_share": raw["other_cpu_share"],
         "own_kernel_share": raw["own_kernel_share"],
+        "attempts": raw["attempts"],
+        "waited_for_idle_s": raw["waited_for_idle_s"],
         "warmup_s": raw["warmup_s"],
         "repeats_s": raw["repeats_s"],
     }
@@ -114,7 +134,7 @@ def _inference(model, runner, spec: ModelSpec, cells: Cells, settings: Settings,
                     module(**inputs)
         return step
 
-    raw = _measure(step_of(runner), step_of(model), spec, settings, _extra_warmup(model, runner, settings))
+    raw = _measure_quietly(step_of(runner), step_of(model), spec, settings, _extra_warmup(model, runner, settings))
     return _summarise(raw, "inference", batch_size, batches)
 
 
@@ -134,7 +154,7 @@ def _training(model, runner, spec: ModelSpec, cells: Cells, settings: Settings, 
             optimizer.step()
         return step
 
-    raw = _measure(step_of(runner), step_of(model), spec, settings, _extra_warmup(model, runner, settings))
+    raw = _measure_quietly(step_of(runner), step_of(model), spec, settings, _extra_warmup(model, runner, settings))
     return _summarise(raw, "training", batch_size, [inputs])
 
 

@@ -128,6 +128,19 @@ def other_cpu_share() -> Iterator[dict]:
     result["own_kernel_share"] = (system_end - system) / max(own_end - own, 1e-9)
 
 
+def wait_for_idle(max_other_share: float, timeout_s: float, probe_s: float = 3.0) -> float:
+    """Sleeps until other processes use at most `max_other_share` of the CPUs over a `probe_s` window (or until
+    `timeout_s`); returns the seconds waited. On a shared machine this keeps other jobs out of the measurements."""
+    if timeout_s <= 0:
+        return 0.0
+    start = time.perf_counter()
+    while True:
+        with other_cpu_share() as probe:
+            time.sleep(probe_s)
+        if probe["other_cpu_share"] <= max_other_share or time.perf_counter() - start >= timeout_s:
+            return time.perf_counter() - start
+
+
 # ------------------------------------------------------------------------------------------------ FLOPs
 def _attention_flops(query_shape, key_shape, value_shape) -> int:
     """QK^T and PV matmuls; key heads may be fewer than query heads (grouped-query attention)."""
