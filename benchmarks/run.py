@@ -31,6 +31,7 @@ from benchmarks.measure import (  # noqa: E402
     matmul_peak_gflops,
     other_cpu_share,
     peak_rss_supported,
+    wait_for_idle,
 )
 from benchmarks.models import REGISTRY, SPECS  # noqa: E402
 from benchmarks.scaling import run_scaling  # noqa: E402
@@ -85,6 +86,7 @@ def measure_all(args: argparse.Namespace, run: dict, out: Path) -> tuple[list[di
     settings: Settings = mode["settings"]
     cells = Cells.load(seed=settings.seed)
     run["data"] = {"cells": cells.num_cells, "genes": cells.adata.n_vars, "labels": cells.num_labels}
+    wait_for_idle(settings.max_other_cpu_share, settings.idle_timeout_s)
     run["matmul_peak_start"] = matmul_peak_gflops(mode["matmul_size"], repeats=5)
     logger.info("fp32 matmul peak: %.1f GFLOP/s", run["matmul_peak_start"]["gflops_per_s"])
 
@@ -101,6 +103,7 @@ def measure_all(args: argparse.Namespace, run: dict, out: Path) -> tuple[list[di
                               args.scaling_batch_size, args.threads, settings)
         write_json(out / "scaling.json", {"results": scaling, "machine": run["machine"], "settings": run["settings"]})
 
+    wait_for_idle(settings.max_other_cpu_share, settings.idle_timeout_s)
     run["matmul_peak_end"] = matmul_peak_gflops(mode["matmul_size"], repeats=5)
     run["matmul_peak"] = max(run["matmul_peak_start"], run["matmul_peak_end"], key=lambda p: p["gflops_per_s"])
     return records, scaling
@@ -123,7 +126,7 @@ def main(argv: list[str] | None = None) -> None:
     clean_output_dir(out)
 
     run = {
-        "command": "python benchmarks/run.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": " ".join(["python benchmarks/run.py", *(sys.argv[1:] if argv is None else argv)]),
         "started": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": machine_info(),
         "settings": {**mode["settings"].to_json(), "quick": args.quick,
