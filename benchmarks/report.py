@@ -129,14 +129,18 @@ def markdown(run: dict, records: list[dict], scaling: list[dict], targets: list[
         lines += ["", f"## {title}", ""] + _speed_table(records, task, peak["gflops_per_s"])
     if scaling:
         lines += ["", "## Scaling: annotating cells streamed from an on-disk Arrow dataset", "",
-                  "| cells | seconds | cells/s | read + collate (s) | model (s) | peak RSS (MB) | Arrow size (MB) "
+                  "| cells | batches grouped by length | tokens/cell: real (computed, with padding) | seconds "
+                  "| cells/s | read + collate (s) | model (s) | peak RSS (MB) | Arrow size (MB) "
                   "| CPU used by others (%) |",
-                  "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                  "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|"]
         for s in scaling:
             if "error" in s:
-                lines.append(f"| {s['num_cells']:,} | {s['error']} | | | | | | |")
+                lines.append(f"| {s['num_cells']:,} | {s['error']} | | | | | | | | |")
                 continue
-            lines.append(f"| {s['num_cells']:,} | {s['seconds']:.1f} | {s['cells_per_s']:.2f} "
+            grouped = f"in windows of {s['sort_window']} batches" if s["sort_window"] > 1 else "no (file order)"
+            lines.append(f"| {s['num_cells']:,} | {grouped} "
+                         f"| {s['tokens_per_cell']:,.0f} ({s['computed_tokens_per_cell']:,.0f}) "
+                         f"| {s['seconds']:.1f} | {s['cells_per_s']:.2f} "
                          f"| {s['read_and_collate_s']:.1f} | {s['model_s']:.1f} | {s['peak_rss_mb']:,.0f} "
                          f"| {s['dataset_mb']:,.0f} | {100 * s['other_cpu_share']:.0f} |")
     notes = [f"- {r['name']}: skipped, {r['skipped']}." for r in records if "skipped" in r]
@@ -180,7 +184,9 @@ METHOD = """## Method
   included; elementwise work is not counted. Achieved GFLOP/s = FLOPs / median time; the peak is the best repeat of
   a large fp32 torch.mm measured at the start and at the end of the run (the higher of the two).
 - Scaling: N cells resampled from the real cells, written as an Arrow dataset (`datasets` save_to_disk of the
-  tokenizer's sparse rows), then streamed from disk in batches of 32 through scBERT 2.0 in a fresh process per size;
+  tokenizer's sparse rows), then streamed from disk through a scBERT 2.0 classifier in a fresh process per size:
+  record batches of 16 x 32 cells are read, regrouped by length into batches of 32 (predictions go back to file
+  order) and cut to the annotation length (`--scaling-max-length`, default 256 tokens, the most expressed genes);
   seconds cover reading, collating and the model, and peak RSS is the process's during annotation.
 """
 
@@ -221,6 +227,8 @@ def plots(records: list[dict], scaling: list[dict], matmul_peak: float, out: Pat
               [(matmul_peak, "fp32 matmul peak", "black"), (0.4 * matmul_peak, "40% of peak", "tab:red")])
     written.append(path.name)
     done = [s for s in scaling if "error" not in s]
+    window = max((s["sort_window"] for s in done), default=1)
+    done = [s for s in done if s["sort_window"] == window]  # one curve: the grouped runs
     if done:
         fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
         sizes = [s["num_cells"] for s in done]
@@ -236,7 +244,8 @@ def plots(records: list[dict], scaling: list[dict], matmul_peak: float, out: Pat
         right.set_xlabel("cells")
         right.set_ylabel("peak RSS (GB)")
         right.legend()
-        fig.suptitle(f"Annotating cells streamed from disk ({largest['preset']}, batch {largest['batch_size']})")
+        fig.suptitle(f"Annotating cells streamed from disk ({largest['preset']}, batch {largest['batch_size']}, "
+                     f"<= {largest['max_length']} tokens)")
         fig.tight_layout()
         fig.savefig(out / "scaling.png", dpi=120)
         plt.close(fig)
