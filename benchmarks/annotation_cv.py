@@ -61,6 +61,7 @@ def main(argv=None) -> dict:
         "finetune_args": extra,
         "machine": {"platform": platform.platform(), "python": platform.python_version()},
         "wall_seconds": time.perf_counter() - start,
+        "class_counts": class_counts(args.data, args.label_key),
         "folds": folds,
     }
     for key in ("model", "baseline_logistic_regression_l1"):
@@ -77,6 +78,13 @@ def main(argv=None) -> dict:
     return summary
 
 
+def class_counts(path: str, label_key: str) -> dict[str, int]:
+    import anndata
+
+    labels = anndata.read_h5ad(path, backed="r").obs[label_key].astype(str)
+    return {str(name): int(count) for name, count in labels.value_counts().sort_index().items()}
+
+
 def render_table(summary: dict, name: str) -> str:
     rows = [f"### Cell type annotation, {summary['kfold']}-fold CV on {name} ({summary['model_source']})", "",
             "| model | accuracy (mean ± sd) | macro-F1 (mean ± sd) | per-fold macro-F1 |", "|---|---|---|---|"]
@@ -86,6 +94,14 @@ def render_table(summary: dict, name: str) -> str:
         per_fold = ", ".join(f"{fold[key]['macro_f1']:.3f}" for fold in summary["folds"])
         rows.append(f"| {label} | {mean['accuracy']:.4f} ± {std['accuracy']:.4f} | "
                     f"{mean['macro_f1']:.4f} ± {std['macro_f1']:.4f} | {per_fold} |")
+    names = list(summary["folds"][0]["model"].get("per_class_f1", {}))
+    if names:
+        counts = summary.get("class_counts", {})
+        rows += ["", "Per-class F1, mean over the folds (cells in the data set):", "",
+                 "| class | cells | " + " | ".join(labels.values()) + " |", "|---|---:|---:|---:|"]
+        for name in names:
+            means = [np.mean([fold[key]["per_class_f1"][name] for fold in summary["folds"]]) for key in labels]
+            rows.append(f"| {name} | {counts.get(name, '')} | " + " | ".join(f"{m:.3f}" for m in means) + " |")
     rows.append("")
     rows.append(f"Wall time {summary['wall_seconds'] / 60:.1f} min; flags: {' '.join(summary['finetune_args']) or 'defaults'}.")
     return "\n".join(rows) + "\n"

@@ -29,6 +29,7 @@ from tokenization import GeneExpressionTokenizer
 from train import finetune, pretrain
 from train.training import (
     STATE_FILE,
+    ClassificationCollator,
     MaskedExpressionCollator,
     build_optimizer,
     checkpoint_dirs,
@@ -324,6 +325,32 @@ def test_a_batch_always_has_a_masked_token(scbert2_tokenizer, scbert2_dataset):
     assert int(batch["value_mask"].sum()) == 1 and int((batch["labels"] != -100).sum()) == 1
     with pytest.raises(ValueError, match=r"mask_probability must be in \(0, 1\)"):
         MaskedExpressionCollator(scbert2_tokenizer, mask_probability=1.0)
+
+
+def test_gene_dropout_drops_the_requested_share_reproducibly(cells):
+    tokenizer = GeneExpressionTokenizer.from_adata(cells, mode="scbert2", max_length=None)
+    dataset = tokenizer.to_dataset(cells)
+    rows = rows_with_index(dataset, range(32))
+    full = ClassificationCollator(tokenizer)(rows)
+    collator = ClassificationCollator(tokenizer, gene_dropout=0.3, seed=0)
+    dropped, again = collator(rows), collator(rows)
+    for key in dropped:
+        assert torch.equal(dropped[key], again[key]), key
+    kept = int(dropped["attention_mask"][:, 1:].sum()) / int(full["attention_mask"][:, 1:].sum())
+    assert kept == pytest.approx(0.7, abs=0.03)
+    # Each cell keeps a subset of its own genes with their own values.
+    for row in range(len(rows)):
+        genes = dict(zip(full["input_ids"][row].tolist(), full["values"][row].tolist()))
+        for gene, value in zip(dropped["input_ids"][row].tolist(), dropped["values"][row].tolist()):
+            if gene >= tokenizer.num_special_tokens:
+                assert genes[gene] == value
+    collator.set_epoch(1)
+    assert not torch.equal(collator(rows)["attention_mask"], dropped["attention_mask"])
+    # Even at a dropout near 1 every cell keeps a gene.
+    almost_all = ClassificationCollator(tokenizer, gene_dropout=0.999, seed=0)(rows)
+    assert torch.all(almost_all["attention_mask"][:, 1:].sum(dim=1) >= 1)
+    with pytest.raises(ValueError, match=r"gene_dropout must be in \[0, 1\)"):
+        ClassificationCollator(tokenizer, gene_dropout=1.0)
 
 
 # ------------------------------------------------------------------------------------------------- 3. resume

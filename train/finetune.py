@@ -63,6 +63,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--baseline_C", type=float, nargs="+", default=[0.01, 0.1, 1.0],
                         help="inverse L1 strengths tried for the baseline (picked on the validation cells)")
     parser.add_argument("--no_baseline", action="store_true")
+    parser.add_argument("--gene_dropout", type=float, default=0.0,
+                        help="augmentation: share of each training cell's expressed genes dropped per epoch")
     add_training_arguments(parser)
     parser.set_defaults(num_epochs=10, learning_rate=5e-4, per_device_batch_size=16)
     return parser.parse_args(argv)
@@ -94,7 +96,7 @@ def split_cells(labels: np.ndarray, names: list[str], args: argparse.Namespace) 
     return {"train": np.sort(train), "validation": np.sort(validation), "test": np.sort(test)}
 
 
-def logistic_regression_baseline(features, labels: np.ndarray, split: dict[str, np.ndarray],
+def logistic_regression_baseline(features, labels: np.ndarray, names: list[str], split: dict[str, np.ndarray],
                                   grid: tuple[float, ...]) -> dict:
     """L1-regularised logistic regression (one-vs-rest) on log-normalised expression, the baseline that beats
     scBERT in the literature (Boiarsky et al. 2023). Its strength C is picked on the validation cells, as the model's
@@ -111,7 +113,7 @@ def logistic_regression_baseline(features, labels: np.ndarray, split: dict[str, 
                   for C in grid}
     best_C = max(grid, key=lambda C: validation[C]["macro_f1"])
     predictions = fit(best_C).predict(features[split["test"]])
-    return {**classification_metrics(labels[split["test"]], predictions), "C": best_C,
+    return {**classification_metrics(labels[split["test"]], predictions, names), "C": best_C,
             "validation_macro_f1": {str(C): m["macro_f1"] for C, m in validation.items()},
             "seconds": time.perf_counter() - start}
 
@@ -164,6 +166,7 @@ def main(argv=None) -> dict:
                                          getattr(model.config, "router_aux_loss_coef", 0.0))
 
     collate = ClassificationCollator(tokenizer)
+    train_collate = ClassificationCollator(tokenizer, gene_dropout=args.gene_dropout, seed=args.seed)
     output = Path(args.output_dir) / "model"
 
     def evaluate(model) -> dict[str, float]:
@@ -173,7 +176,7 @@ def main(argv=None) -> dict:
     def keep_best(unwrapped) -> None:
         save_model_folder(unwrapped, tokenizer, output, accelerator)
 
-    result = train_loop(accelerator, model, dataset.select(split["train"]), collate, args, evaluate=evaluate,
+    result = train_loop(accelerator, model, dataset.select(split["train"]), train_collate, args, evaluate=evaluate,
                         metric_for_best="macro_f1", patience=args.patience, on_new_best=keep_best, loss_fn=loss_fn)
     best = AutoModelForSequenceClassification.from_pretrained(output)
     logits, y = predict(accelerator, accelerator.prepare(best), dataset.select(split["test"]), collate,
@@ -185,12 +188,13 @@ def main(argv=None) -> dict:
         "pretrained_from": args.model,
         "split": {k: int(len(v)) for k, v in split.items()} | ({"kfold": args.kfold, "fold": args.fold} if args.kfold else {}),
         "num_classes": len(names),
-        "model": {**classification_metrics(y, logits.argmax(-1)), "train_seconds": result.seconds,
+        "model": {**classification_metrics(y, logits.argmax(-1), names), "train_seconds": result.seconds,
                   "steps": result.step, "best_validation_macro_f1": result.best_metric},
     }
     if not args.no_baseline and accelerator.is_main_process:
         features = tokenizer.encode_matrix(adata, gene_key=args.gene_key)
-        results["baseline_logistic_regression_l1"] = logistic_regression_baseline(features, labels, split, tuple(args.baseline_C))
+        results["baseline_logistic_regression_l1"] = logistic_regression_baseline(features, labels, names, split,
+                                                                                   tuple(args.baseline_C))
     if accelerator.is_main_process:
         (Path(args.output_dir) / "results.json").write_text(json.dumps(results, indent=2))
         print_results(results)

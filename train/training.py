@@ -64,9 +64,15 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     group.add_argument("--num_workers", type=int, default=1, help="DataLoader worker processes")
     group.add_argument("--cache_dir", default=None, help="where tokenized Arrow datasets are cached")
     group.add_argument("--no_progress_bar", action="store_true")
-    group.add_argument("--gene_embedding_init", choices=["svd", "random"], default="svd",
-                       help="scBERT 2.0 from scratch: gene vectors from a truncated SVD of the training cells")
+    group.add_argument("--gene_embedding_init", choices=["svd", "svd_whitened", "random"], default="svd",
+                       help="scBERT 2.0 from scratch: gene vectors from a truncated SVD of the training cells "
+                            "(svd: components weighted by their singular values; svd_whitened: every component "
+                            "at the same scale, so the small ones, e.g. rare cell types' programmes, are not "
+                            "drowned out)")
     group.add_argument("--gene_embedding_std", type=float, default=0.5)
+    group.add_argument("--gene_embedding_svd_components", type=int, default=None,
+                       help="SVD components in the gene vectors (default: all hidden dimensions); the other "
+                            "dimensions start random")
     return parser
 
 
@@ -222,6 +228,14 @@ def make_loader(dataset, collate_fn: Callable, batch_size: int, shuffle: bool, s
     )
 
 
+def seed_for_batch(seed: int, epoch: int, cells: list[dict[str, Any]]) -> int | None:
+    """A batch's random seed from (seed, epoch, the cells' dataset row numbers), or None without row numbers."""
+    if "index" not in cells[0]:
+        return None
+    entropy = [seed, epoch, *(int(cell["index"]) for cell in cells)]
+    return int(np.random.SeedSequence(entropy).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
 class MaskedExpressionCollator:
     """Batches for pretraining: scBERT 2.0 masked regression, or scBERT's original masked language modelling.
 
@@ -249,10 +263,9 @@ class MaskedExpressionCollator:
         self.epoch = epoch
 
     def __call__(self, cells: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        batch_seed = seed_for_batch(self.seed, self.epoch, cells)
         generator = None
-        if "index" in cells[0]:
-            entropy = [self.seed, self.epoch, *(int(cell["index"]) for cell in cells)]
-            batch_seed = int(np.random.SeedSequence(entropy).generate_state(1, dtype=np.uint64)[0] >> 1)
+        if batch_seed is not None:
             generator = torch.Generator().manual_seed(batch_seed)
             self.tokenizer._rng = np.random.default_rng(batch_seed)  # the zeros sampled by `collate`
         cells = [{"gene_ids": c["gene_ids"], "values": c["values"]} for c in cells]
@@ -284,13 +297,38 @@ class MaskedExpressionCollator:
 
 
 class ClassificationCollator:
-    """Tokenizer batches with the cell labels."""
+    """Tokenizer batches with the cell labels.
 
-    def __init__(self, tokenizer: GeneExpressionTokenizer):
+    ``gene_dropout`` (training only) augments each cell by dropping that share of its expressed genes before the
+    tokenizer keeps the most expressed ``max_length``: a cell is then seen with a different, sequencing-dropout-like
+    subset of its genes every epoch, which keeps a classifier trained on a few thousand cells from memorising them.
+    Seeded per batch as `MaskedExpressionCollator` is, so a resumed run sees the same batches.
+    """
+
+    def __init__(self, tokenizer: GeneExpressionTokenizer, gene_dropout: float = 0.0, seed: int = 0):
+        if not 0.0 <= gene_dropout < 1.0:
+            raise ValueError(f"gene_dropout must be in [0, 1), got {gene_dropout}.")
         self.tokenizer = tokenizer
+        self.gene_dropout = gene_dropout
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
 
     def __call__(self, cells: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        if self.gene_dropout > 0:
+            batch_seed = seed_for_batch(self.seed, self.epoch, cells)
+            rng = np.random.default_rng(batch_seed)
+            cells = [self._drop_genes(cell, rng) for cell in cells]
         return dict(self.tokenizer.collate(cells, return_tensors="pt"))
+
+    def _drop_genes(self, cell: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
+        gene_ids, values = np.asarray(cell["gene_ids"]), np.asarray(cell["values"])
+        keep = rng.random(len(gene_ids)) >= self.gene_dropout
+        if not keep.any():
+            keep[rng.integers(len(gene_ids))] = True  # a cell never loses every gene
+        return {**cell, "gene_ids": gene_ids[keep], "values": values[keep]}
 
 
 # ---------------------------------------------------------------------------------------------------- models
@@ -587,14 +625,20 @@ def predict(accelerator: Accelerator, model: torch.nn.Module, dataset, collate_f
     return logits, (torch.cat(all_labels).numpy() if all_labels else None)
 
 
-def classification_metrics(labels: np.ndarray, predictions: np.ndarray) -> dict[str, float]:
-    """Accuracy and macro-F1: the project's one implementation (evaluate.load needs the Hub)."""
+def classification_metrics(labels: np.ndarray, predictions: np.ndarray, names: list[str] | None = None) -> dict:
+    """Accuracy and macro-F1 (plus each class's F1 with ``names``): the project's one implementation
+    (evaluate.load needs the Hub)."""
     from sklearn.metrics import accuracy_score, f1_score
 
-    return {
+    metrics = {
         "accuracy": float(accuracy_score(labels, predictions)),
         "macro_f1": float(f1_score(labels, predictions, average="macro", zero_division=0)),
     }
+    if names is not None:
+        # Over every class, present here or not, so per-class numbers line up across folds.
+        per_class = f1_score(labels, predictions, labels=np.arange(len(names)), average=None, zero_division=0)
+        metrics["per_class_f1"] = {name: float(f1) for name, f1 in zip(names, per_class)}
+    return metrics
 
 
 def save_model_folder(model, tokenizer: GeneExpressionTokenizer, folder: str | os.PathLike, accelerator: Accelerator | None = None) -> None:
@@ -621,24 +665,30 @@ def dataset_matrix(dataset, tokenizer: GeneExpressionTokenizer):
     return sp.csr_matrix((data, indices, offsets), shape=(len(dataset), tokenizer.num_genes))
 
 
-def svd_gene_embeddings(matrix, hidden_size: int, std: float, seed: int) -> np.ndarray:
+def svd_gene_embeddings(matrix, hidden_size: int, std: float, seed: int, whiten: bool = False,
+                        components: int | None = None) -> np.ndarray:
     """Gene vectors from a truncated SVD of the cells' log-normalised expression, scaled to ``std``.
 
     Genes that co-vary across cells start close together, which a randomly initialised table of ~15k genes cannot
-    learn from a few thousand cells in a few epochs. Uses only the cells given (no labels).
+    learn from a few thousand cells in a few epochs. Uses only the cells given (no labels). With ``components``
+    below ``hidden_size`` the SVD fills the first ``components`` dimensions and the rest are random at the same
+    scale: genes seen in a handful of cells (a rare type's markers) load on no top component, and the random part
+    is what still tells them apart.
     """
     from sklearn.decomposition import TruncatedSVD
 
-    components = min(hidden_size, min(matrix.shape) - 1)
+    components = min(components or hidden_size, hidden_size, min(matrix.shape) - 1)
     svd = TruncatedSVD(n_components=components, random_state=seed).fit(matrix)
-    vectors = np.zeros((matrix.shape[1], hidden_size), dtype=np.float32)
-    vectors[:, :components] = svd.components_.T * svd.singular_values_
-    return vectors * (std / vectors.std())
+    block = svd.components_.T * (1.0 if whiten else svd.singular_values_)  # [genes, components]
+    vectors = np.random.default_rng(seed).normal(0.0, std, size=(matrix.shape[1], hidden_size)).astype(np.float32)
+    vectors[:, :components] = block * (std / block.std())
+    return vectors
 
 
 def initialise_gene_embeddings(model, dataset, tokenizer: GeneExpressionTokenizer, args: argparse.Namespace) -> None:
     """Applies ``--gene_embedding_init svd`` to a freshly built scBERT 2.0 model (scBERT v1 has no gene table)."""
-    if args.gene_embedding_init == "svd" and model.config.model_type == "scbert2":
+    if args.gene_embedding_init.startswith("svd") and model.config.model_type == "scbert2":
         matrix = dataset_matrix(dataset, tokenizer)
         model.load_gene_embeddings(svd_gene_embeddings(matrix, model.config.hidden_size, args.gene_embedding_std,
-                                                       args.seed))
+                                                       args.seed, whiten=args.gene_embedding_init == "svd_whitened",
+                                                       components=args.gene_embedding_svd_components))
