@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 from transformers import PretrainedConfig
 
 VALUE_EMBEDDING_TYPES = ("auto_discretization", "bin")
-POOLING_TYPES = ("cls", "mean")
+POOLING_TYPES = ("cls", "mean", "mean_max")
 
 # Named architectures. `scbert2-moe` is `scbert2-small` with every FFN replaced by 8 experts of half the dense width,
 # top-2 routing: the compute per token matches the dense model, the FFN parameters are 8 x 1/2 = 4 x the dense FFN.
@@ -89,8 +89,9 @@ class ScBert2Config(PretrainedConfig):
         output_router_logits (`bool`): whether outputs include the router logits of every MoE layer.
         bin_loss_weight (`float`): weight of the bin cross-entropy in the masked-regression loss.
         value_loss_weight (`float`): weight of the value mean squared error in the masked-regression loss.
-        pooling (`str`): `"cls"` (the token at position 0, which must be CLS) or `"mean"` (mean over the gene tokens)
-            for sequence classification.
+        pooling (`str`): `"cls"` (the token at position 0, which must be CLS), `"mean"` (mean over the gene tokens)
+            or `"mean_max"` (that mean next to the elementwise maximum over the gene tokens, which keeps a few marker
+            genes from being averaged away) for sequence classification.
         classifier_dropout (`float`): dropout before the classification layer.
 
     Example:

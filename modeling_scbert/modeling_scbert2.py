@@ -604,7 +604,8 @@ class ScBert2ForSequenceClassification(ScBert2PreTrainedModel):
         self.num_labels = config.num_labels
         self.model = ScBert2Model(config)
         self.dropout = nn.Dropout(config.classifier_dropout)
-        self.classifier = nn.Linear(config.hidden_size, config.num_labels)
+        pooled_size = 2 * config.hidden_size if config.pooling == "mean_max" else config.hidden_size
+        self.classifier = nn.Linear(pooled_size, config.num_labels)
         self.post_init()
 
     def pool(
@@ -614,9 +615,11 @@ class ScBert2ForSequenceClassification(ScBert2PreTrainedModel):
         attention_mask: torch.Tensor | None,
         cu_seq_lens: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """One vector per cell: the CLS token (`pooling="cls"`) or the mean over the cell's non-padding gene tokens.
+        """One vector per cell: the CLS token (`pooling="cls"`), the mean over the cell's non-padding gene tokens
+        (`"mean"`), or that mean next to their elementwise maximum (`"mean_max"`, twice the width).
 
-        Padded batch: [B, L, H] -> [B, H]. Packed row with boundaries `cu_seq_lens` [N + 1]: [1, T, H] -> [N, H].
+        Padded batch: [B, L, H] -> [B, H] (or [B, 2H]). Packed row with boundaries `cu_seq_lens` [N + 1]:
+        [1, T, H] -> [N, H] (or [N, 2H]).
         """
         if cu_seq_lens is None:
             first_ids, first_states = input_ids[:, 0], last_hidden_state[:, 0]
@@ -630,8 +633,9 @@ class ScBert2ForSequenceClassification(ScBert2PreTrainedModel):
                     "tokenize with add_cls_token=True or use pooling='mean'."
                 )
             return first_states
+        lowest = torch.finfo(last_hidden_state.dtype).min
         if cu_seq_lens is not None:
-            # Per-cell sums by scattering each token into its cell's row; CLS tokens add zero.
+            # Per-cell sums and maxima by scattering each token into its cell's row; CLS tokens take no part.
             token_states = last_hidden_state[0]  # [1, T, H] -> [T, H]
             gene_mask = (input_ids[0] != self.config.cls_token_id).unsqueeze(-1)  # [1, T] -> [T] -> [T, 1]
             segment_ids = packed_segment_ids(cu_seq_lens, token_states.shape[0])
@@ -640,12 +644,23 @@ class ScBert2ForSequenceClassification(ScBert2PreTrainedModel):
                 0, segment_ids, torch.where(gene_mask, token_states, 0.0)
             )
             counts = token_states.new_zeros(num_cells, 1).index_add(0, segment_ids, gene_mask.to(token_states.dtype))
-            return summed / counts.clamp(min=1)
-        if attention_mask is None:
-            attention_mask = input_ids != self.config.pad_token_id
-        gene_mask = (attention_mask.bool() & (input_ids != self.config.cls_token_id)).unsqueeze(-1)  # [B, L, 1]
-        summed = torch.where(gene_mask, last_hidden_state, 0.0).sum(dim=1)
-        return summed / gene_mask.sum(dim=1).clamp(min=1).to(summed.dtype)
+            if self.config.pooling == "mean_max":
+                maxima = token_states.new_full((num_cells, token_states.shape[-1]), lowest).index_reduce(
+                    0, segment_ids, torch.where(gene_mask, token_states, lowest), "amax"
+                )
+        else:
+            if attention_mask is None:
+                attention_mask = input_ids != self.config.pad_token_id
+            gene_mask = (attention_mask.bool() & (input_ids != self.config.cls_token_id)).unsqueeze(-1)  # [B, L, 1]
+            summed = torch.where(gene_mask, last_hidden_state, 0.0).sum(dim=1)
+            counts = gene_mask.sum(dim=1).to(summed.dtype)
+            if self.config.pooling == "mean_max":
+                maxima = torch.where(gene_mask, last_hidden_state, lowest).amax(dim=1)
+        mean = summed / counts.clamp(min=1)
+        if self.config.pooling == "mean":
+            return mean
+        maxima = torch.where(counts > 0, maxima, 0.0)  # a cell without gene tokens pools to zeros, as its mean does
+        return torch.cat([mean, maxima], dim=-1)  # [N, H] + [N, H] -> [N, 2H]
 
     @can_return_tuple
     def forward(

@@ -65,7 +65,7 @@ def test_packed_row_matches_padded_batch_at_real_tokens(attn_implementation, exp
         torch.testing.assert_close(out_packed.aux_loss, out_padded.aux_loss, atol=ATOL, rtol=0)
 
 
-@pytest.mark.parametrize("pooling", ["cls", "mean"])
+@pytest.mark.parametrize("pooling", ["cls", "mean", "mean_max"])
 @pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
 def test_packed_classification_pools_per_cell(attn_implementation, pooling):
     model = make_model(ScBert2ForSequenceClassification, attn_implementation, num_labels=3, pooling=pooling,

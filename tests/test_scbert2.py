@@ -108,7 +108,7 @@ def test_flash_attention_2_matches_sdpa():
 
 
 # ----------------------------------------------------------------------------------------------- invariances
-@pytest.mark.parametrize("pooling", ["mean", "cls"])
+@pytest.mark.parametrize("pooling", ["mean", "cls", "mean_max"])
 @pytest.mark.parametrize("experts", [0, 4])
 def test_permuting_genes_permutes_outputs(pooling, experts):
     model = make_model(ScBert2ForSequenceClassification, pooling=pooling, num_local_experts=experts, num_labels=3)
@@ -315,7 +315,7 @@ def test_bin_value_embedding_uses_bin_ids():
         make_model(ScBert2Model)(input_ids=batch["input_ids"], bin_ids=batch["bin_ids"])
 
 
-@pytest.mark.parametrize("pooling", ["cls", "mean"])
+@pytest.mark.parametrize("pooling", ["cls", "mean", "mean_max"])
 def test_sequence_classification_losses(pooling):
     batch = collate(make_cells([5, 8, 3]))
     model = make_model(ScBert2ForSequenceClassification, pooling=pooling, num_labels=3, num_local_experts=4)
@@ -347,6 +347,18 @@ def test_mean_pooling_skips_cls_and_padding():
         pooled = model.pool(hidden, batch["input_ids"], batch["attention_mask"])
     torch.testing.assert_close(pooled[0], hidden[0, 1:4].mean(0))
     torch.testing.assert_close(pooled[1], hidden[1, 1:7].mean(0))
+
+
+def test_mean_max_pooling_adds_the_maximum_over_gene_tokens():
+    model = make_model(ScBert2ForSequenceClassification, pooling="mean_max", num_labels=2)
+    assert model.classifier.in_features == 2 * model.config.hidden_size
+    batch = collate(make_cells([3, 6]))
+    with torch.no_grad():
+        hidden = model.model(**batch).last_hidden_state
+        pooled = model.pool(hidden, batch["input_ids"], batch["attention_mask"])
+    for row, length in enumerate([3, 6]):
+        genes = hidden[row, 1:1 + length]  # neither CLS nor padding
+        torch.testing.assert_close(pooled[row], torch.cat([genes.mean(0), genes.amax(0)]))
 
 
 def test_cls_pooling_requires_cls_first():

@@ -63,6 +63,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--baseline_C", type=float, nargs="+", default=[0.01, 0.1, 1.0],
                         help="inverse L1 strengths tried for the baseline (picked on the validation cells)")
     parser.add_argument("--no_baseline", action="store_true")
+    parser.add_argument("--pooling", choices=["cls", "mean", "mean_max"], default=None,
+                        help="scBERT 2.0 cell vector (default: mean from scratch, else the folder's config)")
     parser.add_argument("--gene_dropout", type=float, default=0.0,
                         help="augmentation: share of each training cell's expressed genes dropped per epoch")
     add_training_arguments(parser)
@@ -150,11 +152,13 @@ def main(argv=None) -> dict:
     id2label = dict(enumerate(names))
     label2id = {name: i for i, name in id2label.items()}
     if args.model:
+        pooling = {"pooling": args.pooling} if args.pooling and base_config.model_type == "scbert2" else {}
         model = AutoModelForSequenceClassification.from_pretrained(
-            args.model, num_labels=len(names), id2label=id2label, label2id=label2id)
+            args.model, num_labels=len(names), id2label=id2label, label2id=label2id, **pooling)
     else:
+        pooling = {"pooling": args.pooling} if args.pooling and args.architecture.startswith("scbert2") else {}
         config = architecture_config(args.architecture, tokenizer, num_labels=len(names), id2label=id2label,
-                                     label2id=label2id)
+                                     label2id=label2id, **pooling)
         model = AutoModelForSequenceClassification.from_config(config)
         initialise_gene_embeddings(model, dataset.select(split["train"]), tokenizer, args)
 
