@@ -117,14 +117,15 @@ def padding_cost(model, cells: Cells, repeats: int) -> list[str]:
 
 
 def mask_cost(model, cells: Cells, repeats: int) -> list[str]:
-    """sdpa alone at the model's attention shapes for the batch of 32: the [B, 1, L, L] boolean mask the model builds
-    versus a [B, 1, 1, L] key-padding mask, which gives the same outputs for every real token."""
+    """sdpa alone at the model's attention shapes for the batch of 32: an expanded [B, 1, L, L] boolean mask (what
+    transformers' create_bidirectional_mask gives, which the model used at first) versus the [B, 1, 1, L] key-padding
+    mask the model builds now, which gives the same outputs for every real token."""
     config = model.config
     padding = scbert2_inputs(cells, cells.sample_rows(32))["attention_mask"].bool()  # [B, L]
     batch, length = padding.shape
     q, k, v = (torch.randn(batch, config.num_attention_heads, length, config.head_dim) for _ in range(3))
-    masks = {"[B, 1, L, L] bool (as built now)": padding[:, None, :, None] & padding[:, None, None, :],
-             "[B, 1, 1, L] bool key padding": padding[:, None, None, :]}
+    masks = {"[B, 1, L, L] bool (expanded, as first built)": padding[:, None, :, None] & padding[:, None, None, :],
+             "[B, 1, 1, L] bool key padding (as built now)": padding[:, None, None, :]}
     lines = ["| mask | ms per layer | own CPU in kernel |", "|---|---:|---:|"]
     for label, mask in masks.items():
         with other_cpu_share() as cpu:
