@@ -4,7 +4,8 @@
     python benchmarks/annotation_cv.py --data other.h5ad --label_key cell_type --pretrained runs/pt/model
 
 Every fold runs train/finetune.py (its own process) with `--kfold K --fold i`, so the model and the baseline see the
-same train/validation/test cells. Writes benchmarks/results/annotation_cv_<name>.json and a Markdown table.
+same train/validation/test cells. Writes benchmarks/results/annotation/annotation_cv_<name>.json and .md (a folder
+of its own: run.py clears the JSON files of benchmarks/results).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--pretrained", default=None, help="a pretrained folder to fine-tune; default: from scratch")
     parser.add_argument("--architecture", default="scbert2-small", help="from scratch only")
     parser.add_argument("--output_dir", default=str(ROOT / "outputs" / "annotation_cv"))
-    parser.add_argument("--results_dir", default=str(ROOT / "benchmarks" / "results"))
+    parser.add_argument("--results_dir", default=str(ROOT / "benchmarks" / "results" / "annotation"))
     parser.add_argument("finetune_args", nargs=argparse.REMAINDER,
                         help="after '--': extra train/finetune.py flags, e.g. -- --num_epochs 20 --max_length 512")
     return parser.parse_args(argv)

@@ -576,6 +576,8 @@ def test_finetune_from_scratch_writes_results_and_labels(finetune_data, tmp_path
     for key in ("model", "baseline_logistic_regression_l1"):
         assert 0.0 <= saved[key]["accuracy"] <= 1.0 and 0.0 <= saved[key]["macro_f1"] <= 1.0
     assert saved["baseline_logistic_regression_l1"]["C"] in (0.1, 1.0)
+    for key in ("model", "baseline_logistic_regression_l1"):
+        assert set(saved[key]["per_class_f1"]) == set(FINETUNE_CLASSES)
     assert saved["model"]["steps"] > 0 and results["model"] == saved["model"]
 
     config = AutoConfig.from_pretrained(output / "model")

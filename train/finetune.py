@@ -52,23 +52,25 @@ def parse_args(argv=None) -> argparse.Namespace:
     source.add_argument("--model", help="a pretrained folder (its tokenizer is used)")
     source.add_argument("--architecture", default="scbert2-small", help="from scratch: a preset or scbert-small")
     parser.add_argument("--gene_key", default=None)
-    parser.add_argument("--max_length", type=int, default=1024, help="from scratch, scBERT 2.0: tokens per cell")
+    parser.add_argument("--max_length", type=int, default=256,
+                        help="from scratch, scBERT 2.0: tokens per cell (the most expressed genes)")
     parser.add_argument("--test_size", type=float, default=0.2)
     parser.add_argument("--validation_size", type=float, default=0.1)
     parser.add_argument("--kfold", type=int, default=None, help="use fold --fold of a stratified k-fold as test set")
     parser.add_argument("--fold", type=int, default=0)
     parser.add_argument("--class_weighting", choices=["none", "balanced"], default="balanced",
                         help="balanced: cross-entropy weighted by inverse class frequency")
-    parser.add_argument("--patience", type=int, default=3, help="epochs without validation macro-F1 gain")
+    parser.add_argument("--patience", type=int, default=6, help="epochs without validation macro-F1 gain")
     parser.add_argument("--baseline_C", type=float, nargs="+", default=[0.01, 0.1, 1.0],
                         help="inverse L1 strengths tried for the baseline (picked on the validation cells)")
     parser.add_argument("--no_baseline", action="store_true")
-    parser.add_argument("--pooling", choices=["cls", "mean", "mean_max"], default=None,
-                        help="scBERT 2.0 cell vector (default: mean from scratch, else the folder's config)")
-    parser.add_argument("--gene_dropout", type=float, default=0.0,
+    parser.add_argument("--pooling", choices=["cls", "mean", "mean_max"], default="mean_max",
+                        help="scBERT 2.0 cell vector: mean_max keeps a rare type's few marker genes from being "
+                             "averaged away")
+    parser.add_argument("--gene_dropout", type=float, default=0.3,
                         help="augmentation: share of each training cell's expressed genes dropped per epoch")
     add_training_arguments(parser)
-    parser.set_defaults(num_epochs=10, learning_rate=5e-4, per_device_batch_size=16)
+    parser.set_defaults(num_epochs=20, learning_rate=2e-3, per_device_batch_size=16, gene_embedding_init="svd_whitened")
     return parser.parse_args(argv)
 
 

@@ -30,7 +30,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--output_dir", default=str(ROOT / "outputs" / "main"))
     parser.add_argument("--pretrain_epochs", type=int, default=2)
     parser.add_argument("--finetune_epochs", type=int, default=20)
-    parser.add_argument("--max_length", type=int, default=128, help="tokens per cell (most expressed genes)")
+    parser.add_argument("--max_length", type=int, default=256, help="tokens per cell (most expressed genes)")
     parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("--learning_rate", type=float, default=2e-3)
     parser.add_argument("--seed", type=int, default=42)
