@@ -39,7 +39,7 @@ def test_initialise_gene_embeddings_loads_the_svd_rows_after_the_special_tokens(
     config = modeling_scbert.ScBert2Config.from_preset("scbert2-tiny", vocab_size=tok.vocab_size)
     model = modeling_scbert.ScBert2Model(config)
     before = model.get_input_embeddings().weight.detach().clone()
-    args = argparse.Namespace(gene_embedding_init="svd", gene_embedding_std=0.5, gene_embedding_svd_components=None, seed=0)
+    args = argparse.Namespace(gene_embedding_init="svd", gene_embedding_std=0.5, seed=0)
     initialise_gene_embeddings(model, dataset, tok, args)
     weight = model.get_input_embeddings().weight.detach()
     expected = svd_gene_embeddings(dataset_matrix(dataset, tok), config.hidden_size, 0.5, 0)
@@ -47,8 +47,7 @@ def test_initialise_gene_embeddings_loads_the_svd_rows_after_the_special_tokens(
     torch.testing.assert_close(weight[tok.mask_token_id], before[tok.mask_token_id])
     assert torch.all(weight[tok.pad_token_id] == 0)
 
-    random_args = argparse.Namespace(gene_embedding_init="random", gene_embedding_std=0.5, gene_embedding_svd_components=None,
-                                     seed=0)
+    random_args = argparse.Namespace(gene_embedding_init="random", gene_embedding_std=0.5, seed=0)
     untouched = modeling_scbert.ScBert2Model(config)
     reference = untouched.get_input_embeddings().weight.detach().clone()
     initialise_gene_embeddings(untouched, dataset, tok, random_args)

@@ -70,9 +70,6 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
                             "at the same scale, so the small ones, e.g. rare cell types' programmes, are not "
                             "drowned out)")
     group.add_argument("--gene_embedding_std", type=float, default=0.5)
-    group.add_argument("--gene_embedding_svd_components", type=int, default=None,
-                       help="SVD components in the gene vectors (default: all hidden dimensions); the other "
-                            "dimensions start random")
     return parser
 
 
@@ -665,30 +662,27 @@ def dataset_matrix(dataset, tokenizer: GeneExpressionTokenizer):
     return sp.csr_matrix((data, indices, offsets), shape=(len(dataset), tokenizer.num_genes))
 
 
-def svd_gene_embeddings(matrix, hidden_size: int, std: float, seed: int, whiten: bool = False,
-                        components: int | None = None) -> np.ndarray:
+def svd_gene_embeddings(matrix, hidden_size: int, std: float, seed: int, whiten: bool = False) -> np.ndarray:
     """Gene vectors from a truncated SVD of the cells' log-normalised expression, scaled to ``std``.
 
     Genes that co-vary across cells start close together, which a randomly initialised table of ~15k genes cannot
-    learn from a few thousand cells in a few epochs. Uses only the cells given (no labels). With ``components``
-    below ``hidden_size`` the SVD fills the first ``components`` dimensions and the rest are random at the same
-    scale: genes seen in a handful of cells (a rare type's markers) load on no top component, and the random part
-    is what still tells them apart.
+    learn from a few thousand cells in a few epochs. Uses only the cells given (no labels). ``whiten`` gives every
+    component the same scale instead of weighting it by its singular value, so that small programmes (a rare cell
+    type's) are not drowned out by the large ones.
     """
     from sklearn.decomposition import TruncatedSVD
 
-    components = min(components or hidden_size, hidden_size, min(matrix.shape) - 1)
+    components = min(hidden_size, min(matrix.shape) - 1)
     svd = TruncatedSVD(n_components=components, random_state=seed).fit(matrix)
-    block = svd.components_.T * (1.0 if whiten else svd.singular_values_)  # [genes, components]
-    vectors = np.random.default_rng(seed).normal(0.0, std, size=(matrix.shape[1], hidden_size)).astype(np.float32)
-    vectors[:, :components] = block * (std / block.std())
-    return vectors
+    vectors = np.zeros((matrix.shape[1], hidden_size), dtype=np.float32)
+    vectors[:, :components] = svd.components_.T * (1.0 if whiten else svd.singular_values_)
+    return vectors * (std / vectors.std())
 
 
 def initialise_gene_embeddings(model, dataset, tokenizer: GeneExpressionTokenizer, args: argparse.Namespace) -> None:
-    """Applies ``--gene_embedding_init svd`` to a freshly built scBERT 2.0 model (scBERT v1 has no gene table)."""
+    """Applies ``--gene_embedding_init svd`` / ``svd_whitened`` to a freshly built scBERT 2.0 model (scBERT v1 has
+    no gene table)."""
     if args.gene_embedding_init.startswith("svd") and model.config.model_type == "scbert2":
         matrix = dataset_matrix(dataset, tokenizer)
         model.load_gene_embeddings(svd_gene_embeddings(matrix, model.config.hidden_size, args.gene_embedding_std,
-                                                       args.seed, whiten=args.gene_embedding_init == "svd_whitened",
-                                                       components=args.gene_embedding_svd_components))
+                                                       args.seed, whiten=args.gene_embedding_init == "svd_whitened"))
