@@ -153,12 +153,11 @@ def main(argv=None) -> dict:
     split = split_cells(labels, names, args)
     id2label = dict(enumerate(names))
     label2id = {name: i for i, name in id2label.items()}
+    pooling = {"pooling": args.pooling} if tokenizer.mode == "scbert2" else {}  # scBERT v1 has its own head
     if args.model:
-        pooling = {"pooling": args.pooling} if args.pooling and base_config.model_type == "scbert2" else {}
         model = AutoModelForSequenceClassification.from_pretrained(
             args.model, num_labels=len(names), id2label=id2label, label2id=label2id, **pooling)
     else:
-        pooling = {"pooling": args.pooling} if args.pooling and args.architecture.startswith("scbert2") else {}
         config = architecture_config(args.architecture, tokenizer, num_labels=len(names), id2label=id2label,
                                      label2id=label2id, **pooling)
         model = AutoModelForSequenceClassification.from_config(config)
