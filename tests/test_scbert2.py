@@ -189,6 +189,24 @@ def test_moe_with_identical_experts_and_full_top_k_equals_dense_block():
     assert router_logits.shape == (10, 4)
 
 
+def test_moe_equals_every_expert_on_every_token_weighted_by_its_top_k_choices():
+    config = make_config(num_local_experts=5, num_experts_per_tok=2)
+    torch.manual_seed(0)
+    moe = ScBert2SparseMoeBlock(config)
+    x = torch.randn(3, 7, config.hidden_size)
+    token_mask = torch.ones(3, 7, dtype=torch.long)
+    token_mask[1, 4:] = 0
+    out, _ = moe(x, token_mask)
+    flat = x.reshape(-1, config.hidden_size)
+    _, weights, index = moe.route(flat)
+    every_expert = torch.stack([expert(flat) for expert in moe.experts], dim=1)  # [N, E, H]
+    chosen = every_expert.gather(1, index[..., None].expand(-1, -1, config.hidden_size))  # [N, k, H]
+    reference = (chosen * weights[..., None]).sum(dim=1) * token_mask.reshape(-1, 1)
+    torch.testing.assert_close(out.reshape(-1, config.hidden_size), reference, atol=ATOL, rtol=0)
+    out.sum().backward()
+    assert all(p.grad is not None for p in moe.gate.parameters())
+
+
 def test_moe_model_with_identical_experts_equals_dense_model():
     dense = make_model(ScBert2Model)
     moe = make_model(ScBert2Model, num_local_experts=3, num_experts_per_tok=3)
