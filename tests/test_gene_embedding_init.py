@@ -7,7 +7,7 @@ import torch
 
 import modeling_scbert
 from tokenization import GeneExpressionTokenizer
-from train.training import dataset_matrix, initialise_gene_embeddings, svd_gene_embeddings
+from train.training import dataset_matrix, highly_variable_genes, initialise_gene_embeddings, svd_gene_embeddings
 
 
 def test_dataset_matrix_rebuilds_the_selected_cells_exactly(baron_small):
@@ -67,3 +67,16 @@ def test_whitened_svd_gives_every_component_the_same_weight(baron_small):
     assert weighted_norms[0] > 3 * weighted_norms[-1]
     cosines = np.sum(weighted * whitened, axis=0) / (weighted_norms * column_norms)
     np.testing.assert_allclose(cosines, 1.0, rtol=1e-4)
+
+
+def test_highly_variable_genes_keep_every_cell_type_marker_and_no_housekeeping_gene(baron):
+    tok = GeneExpressionTokenizer.from_adata(baron)
+    matrix = tok.encode_matrix(baron)
+    chosen = set(highly_variable_genes(matrix, tok, 2000))
+    assert 2000 <= len(chosen) <= 4000 and chosen <= set(tok.genes)
+    # beta, alpha, delta, gamma, T, B, ductal, endothelial, Schwann cells
+    markers = {"Ins1", "Ins2", "Gcg", "Sst", "Ppy", "Cd3e", "Cd79a", "Krt19", "Pecam1", "Sox10"}
+    assert markers & chosen == markers
+    assert not {"Actb", "Gapdh"} & chosen
+    expressed = np.flatnonzero(np.asarray((matrix != 0).sum(axis=0)).ravel())
+    assert highly_variable_genes(matrix, tok, 10**6) == [tok.genes[i] for i in expressed]

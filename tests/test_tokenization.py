@@ -83,6 +83,43 @@ def test_zero_sampling_adds_unexpressed_genes_with_value_zero(baron_small):
     assert len(set(batch["input_ids"][0][real])) == real.sum()
 
 
+def test_selected_genes_restrict_tokens_round_trip_and_keep_cells_without_any(baron_small, tmp_path):
+    tok = baron_tokenizer(baron_small, mode="scbert2", max_length=None, add_cls_token=False)
+    full = tok(baron_small[:3])
+    chosen = [tok.genes[i - tok.num_special_tokens] for i in full["input_ids"][0][:40:2]]
+    tok.selected_genes = chosen
+    allowed = set(tok.convert_tokens_to_ids(chosen))
+    batch = tok(baron_small[:3])
+    real = batch["attention_mask"] == 1
+    assert set(batch["input_ids"][real].tolist()) <= allowed
+    assert real[0].sum() == len(chosen)  # the first cell expresses every chosen gene
+    for row in range(3):  # values travel with their genes
+        expected = dict(zip(full["input_ids"][row].tolist(), full["values"][row].tolist()))
+        for gene, value in zip(batch["input_ids"][row][real[row]].tolist(), batch["values"][row][real[row]].tolist()):
+            assert expected[gene] == value
+
+    silent_gene = np.flatnonzero(np.asarray(baron_small.X[0].todense()).ravel() == 0)[0]
+    tok.selected_genes = [tok.genes[tok.match_genes(baron_small.var_names)[0][silent_gene]]]
+    alone = tok(baron_small[:1])
+    assert alone["attention_mask"].sum() == baron_small.X[0].nnz  # nothing to select: the cell keeps its genes
+
+    tok.selected_genes = chosen
+    tok.save_pretrained(tmp_path)
+    loaded = GeneExpressionTokenizer.from_pretrained(tmp_path)
+    assert loaded.selected_genes == tok.selected_genes
+    np.testing.assert_array_equal(loaded(baron_small[:3])["input_ids"], batch["input_ids"])
+
+
+def test_bad_selected_genes_are_refused(baron_small):
+    tok = baron_tokenizer(baron_small, mode="scbert2")
+    with pytest.raises(ValueError, match="not in the vocabulary: \\['NOT_A_GENE'\\]"):
+        tok.selected_genes = [tok.genes[0], "NOT_A_GENE"]
+    with pytest.raises(ValueError, match="non-empty"):
+        tok.selected_genes = []
+    with pytest.raises(ValueError, match="full gene panel"):
+        baron_tokenizer(baron_small, mode="scbert", selected_genes=tok.genes[:5])
+
+
 def test_matching_by_ensembl_id_with_version_and_by_mouse_ortholog():
     ensembl = _read_gene_table("gencode_v44_ensembl_to_symbol.csv.gz")
     symbol_to_ensembl = {s: e for e, s in ensembl}

@@ -123,6 +123,9 @@ class GeneExpressionTokenizer(PushToHubMixin):
         target_sum: counts are scaled to this total per cell before log2(1 + x).
         input_log_base: base of the logarithm of inputs that are already log-normalised (scanpy's log1p: e).
         seed: seed for the zero sampling.
+        selected_genes: scBERT 2.0 only: vocabulary genes a cell's tokens are drawn from (e.g. the highly variable
+            genes of the fine-tuning data), so the length budget goes to informative genes rather than to the most
+            expressed housekeeping ones. A cell expressing none of them keeps its most expressed genes.
     """
 
     model_input_names = ["input_ids", "values", "bin_ids", "attention_mask"]
@@ -139,6 +142,7 @@ class GeneExpressionTokenizer(PushToHubMixin):
         target_sum: float = 1e4,
         input_log_base: float = math.e,
         seed: int = 0,
+        selected_genes: Sequence[str] | None = None,
         **unused_kwargs: Any,
     ):
         if mode not in MODES:
@@ -175,6 +179,26 @@ class GeneExpressionTokenizer(PushToHubMixin):
         self._rng = np.random.default_rng(seed)
         self._index_by_key = {key: i for i, key in enumerate(keys)}
         self.last_report: GeneMatchReport | None = None
+        self.selected_genes = selected_genes
+
+    @property
+    def selected_genes(self) -> list[str] | None:
+        return None if self._selected_ids is None else [self.genes[i - self.num_special_tokens] for i in self._selected_ids]
+
+    @selected_genes.setter
+    def selected_genes(self, genes: Sequence[str] | None) -> None:
+        if genes is None:
+            self._selected_ids = None
+            return
+        if self.mode != "scbert2":
+            raise ValueError("selected_genes needs mode='scbert2': scBERT v1 always takes the full gene panel.")
+        genes = [str(g) for g in genes]
+        unknown = [g for g in genes if g.upper() not in self._index_by_key]
+        if unknown or not genes:
+            raise ValueError(f"selected_genes must be a non-empty list of vocabulary genes; not in the vocabulary: "
+                             f"{unknown[:5]} ({len(unknown)} of {len(genes)}).")
+        ids = np.asarray([self._index_by_key[g.upper()] for g in genes], dtype=np.int64) + self.num_special_tokens
+        self._selected_ids = np.unique(ids)
 
     # ----------------------------------------------------------------------------------------------- vocabulary
     @property
@@ -474,9 +498,15 @@ class GeneExpressionTokenizer(PushToHubMixin):
     def _select_genes(self, cell: dict[str, Any], budget: int | None) -> tuple[np.ndarray, np.ndarray]:
         ids = np.asarray(cell["gene_ids"], dtype=np.int64)
         vals = np.asarray(cell["values"], dtype=np.float32)
+        candidates = np.arange(self.num_special_tokens, self.vocab_size)
+        if self._selected_ids is not None:
+            candidates = self._selected_ids
+            selected = np.isin(ids, candidates, assume_unique=True)
+            if selected.any():
+                ids, vals = ids[selected], vals[selected]
         if self.zero_fraction > 0:
-            n_zeros = min(int(round(self.zero_fraction * len(ids))), self.num_genes - len(ids))
-            unexpressed = np.setdiff1d(np.arange(self.num_special_tokens, self.vocab_size), ids, assume_unique=True)
+            unexpressed = np.setdiff1d(candidates, ids, assume_unique=True)
+            n_zeros = min(int(round(self.zero_fraction * len(ids))), len(unexpressed))
             zeros = self._rng.choice(unexpressed, size=n_zeros, replace=False)
             ids = np.concatenate([ids, zeros])
             vals = np.concatenate([vals, np.zeros(n_zeros, dtype=np.float32)])
@@ -553,6 +583,7 @@ class GeneExpressionTokenizer(PushToHubMixin):
             "target_sum": self.target_sum,
             "input_log_base": self.input_log_base,
             "seed": self.seed,
+            "selected_genes": self.selected_genes,
         }
 
     def save_pretrained(self, save_directory: str | os.PathLike, push_to_hub: bool = False, **kwargs: Any) -> tuple[str, ...]:

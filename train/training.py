@@ -662,6 +662,27 @@ def dataset_matrix(dataset, tokenizer: GeneExpressionTokenizer):
     return sp.csr_matrix((data, indices, offsets), shape=(len(dataset), tokenizer.num_genes))
 
 
+def highly_variable_genes(matrix, tokenizer: GeneExpressionTokenizer, n_top_genes: int) -> list[str]:
+    """Vocabulary genes among the ``n_top_genes`` most variable of a cells x genes matrix of log2 values by scanpy's
+    Seurat or Cell Ranger dispersion flavour. Both rank dispersion within bins of mean expression, which drops some
+    of the strongest markers from the top bin: on Baron pancreas Seurat's drops Gcg, Ppy and Cd3e, Cell Ranger's
+    Ins1 and Ins2; the union keeps them all."""
+    import anndata
+    import scanpy as sc
+
+    if n_top_genes < 1:
+        raise ValueError(f"n_top_genes must be >= 1, got {n_top_genes}.")
+    expressed = np.flatnonzero(np.asarray((matrix != 0).sum(axis=0)).ravel())
+    if n_top_genes >= len(expressed):
+        return [tokenizer.genes[i] for i in expressed]
+    cells = anndata.AnnData(matrix[:, expressed] * np.float32(np.log(2)))  # scanpy expects natural-log values
+    chosen = np.zeros(len(expressed), dtype=bool)
+    for flavor in ("seurat", "cell_ranger"):
+        sc.pp.highly_variable_genes(cells, n_top_genes=n_top_genes, flavor=flavor)
+        chosen |= cells.var["highly_variable"].to_numpy()
+    return [tokenizer.genes[i] for i in expressed[chosen]]
+
+
 def svd_gene_embeddings(matrix, hidden_size: int, std: float, seed: int, whiten: bool = False) -> np.ndarray:
     """Gene vectors from a truncated SVD of the cells' log-normalised expression, scaled to ``std``.
 
