@@ -101,8 +101,8 @@ class ScBert2MLP(nn.Module):
 class ScBert2SparseMoeBlock(nn.Module):
     """Top-k routed mixture of SwiGLU experts (Mixtral), with the top-k weights renormalised to sum to 1.
 
-    Dispatch sorts the (token, choice) pairs by expert once, so each expert runs on one contiguous slice of a single
-    gathered copy of its tokens and the results return in one `index_add_`; padding tokens are sent to no expert.
+    Dispatch sorts the (token, choice) pairs by expert once, so each expert's tokens are one contiguous slice of the
+    sorted order (no per-expert scan over all tokens); padding tokens are sent to no expert.
     """
 
     def __init__(self, config: ScBert2Config):
@@ -137,18 +137,18 @@ class ScBert2SparseMoeBlock(nn.Module):
                 expert_of_pair = expert_of_pair.masked_fill(is_padding, self.num_experts)
             pair_order = torch.argsort(expert_of_pair, stable=True)
             tokens_per_expert = torch.bincount(expert_of_pair, minlength=self.num_experts + 1)[: self.num_experts]
-            tokens_per_expert = tokens_per_expert.tolist()
-            pair_order = pair_order[: sum(tokens_per_expert)]
             token_of_pair = pair_order // self.top_k
 
-        routed = hidden_states.index_select(0, token_of_pair)  # [P, H]: one copy per routed pair, grouped by expert
-        expert_output = torch.cat([
-            expert(chunk) if len(chunk) else chunk
-            for expert, chunk in zip(self.experts, routed.split(tokens_per_expert))
-        ])
-        pair_weights = top_k_weights.reshape(-1)[pair_order]  # [N, k] -> [N*k] -> [P]
-        expert_output = expert_output * pair_weights[:, None].to(expert_output.dtype)
-        final_hidden_states = torch.zeros_like(hidden_states).index_add_(0, token_of_pair, expert_output)
+        pair_weights = top_k_weights.reshape(-1)[pair_order]  # [N, k] -> [N*k], sorted by expert
+        final_hidden_states = torch.zeros_like(hidden_states)
+        start = 0
+        for expert, count in zip(self.experts, tokens_per_expert.tolist()):
+            if count:
+                token_idx = token_of_pair[start:start + count]
+                expert_output = expert(hidden_states.index_select(0, token_idx))
+                expert_output = expert_output * pair_weights[start:start + count, None].to(expert_output.dtype)
+                final_hidden_states.index_add_(0, token_idx, expert_output)
+            start += count
         final_hidden_states = final_hidden_states.reshape(batch_size, seq_len, hidden_dim)  # [B*L, H] -> [B, L, H]
         return final_hidden_states, router_logits
 

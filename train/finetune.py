@@ -71,7 +71,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "averaged away")
     parser.add_argument("--gene_dropout", type=float, default=0.3,
                         help="augmentation: share of each training cell's expressed genes dropped per epoch")
-    parser.add_argument("--highly_variable_genes", type=int, default=0,
+    parser.add_argument("--highly_variable_genes", type=int, default=2000,
                         help="scBERT 2.0: draw each cell's tokens from this many highly variable genes of the training "
                              "cells (0: from all genes); stored with the tokenizer, so inference selects the same")
     add_training_arguments(parser)
