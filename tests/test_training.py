@@ -151,12 +151,13 @@ def rows_with_index(dataset, indices) -> list[dict]:
 def test_pretrain_scbert2_end_to_end_and_the_folder_loads(pretrain_data, tmp_path):
     output = tmp_path / "run"
     folder = pretrain.main(pretrain_args(pretrain_data, output, "scbert2-tiny", "--max_steps", "4",
-                                         "--logging_steps", "2"))
+                                         "--logging_steps", "2", "--highly_variable_genes", "40"))
     assert folder == output / "model"
     model = AutoModelForMaskedLM.from_pretrained(folder)
     assert type(model).__name__ == "ScBert2ForMaskedRegression"
     tokenizer = GeneExpressionTokenizer.from_pretrained(folder)
     assert tokenizer.mode == "scbert2" and tokenizer.num_genes == N_GENES and tokenizer.max_length == 64
+    assert 40 <= len(tokenizer.selected_genes) <= 80
     assert model.config.vocab_size == tokenizer.vocab_size
     auto = AutoTokenizer.from_pretrained(folder)
     assert type(auto) is GeneExpressionTokenizer and auto.genes == tokenizer.genes
@@ -568,7 +569,8 @@ def finetune_args(data: Path, output: Path, *extra: str) -> list[str]:
 def test_finetune_from_scratch_writes_results_and_labels(finetune_data, tmp_path):
     output = tmp_path / "run"
     results = finetune.main(finetune_args(finetune_data, output, "--architecture", "scbert2-tiny",
-                                          "--num_epochs", "2", "--baseline_C", "0.1", "1.0"))
+                                          "--num_epochs", "2", "--baseline_C", "0.1", "1.0",
+                                          "--highly_variable_genes", "40"))
     saved = json.loads((output / "results.json").read_text())
     assert saved["num_classes"] == len(FINETUNE_CLASSES) and saved["model_type"] == "scbert2"
     n = len(FINETUNE_CLASSES) * CELLS_PER_CLASS
@@ -585,9 +587,18 @@ def test_finetune_from_scratch_writes_results_and_labels(finetune_data, tmp_path
     assert config.label2id == {name: i for i, name in enumerate(sorted(FINETUNE_CLASSES))}
     model = AutoModelForSequenceClassification.from_pretrained(output / "model")
     assert model.config.num_labels == len(FINETUNE_CLASSES)
-    assert GeneExpressionTokenizer.from_pretrained(output / "model").num_genes == N_GENES
+    tokenizer = GeneExpressionTokenizer.from_pretrained(output / "model")
+    assert tokenizer.num_genes == N_GENES and 40 <= len(tokenizer.selected_genes) <= 80
     records = log_records(output, "finetune")
     assert any("eval_macro_f1" in r for r in records)
+
+
+def test_finetune_scbert_v1_from_scratch_keeps_the_full_panel(finetune_data, tmp_path):
+    output = tmp_path / "run"
+    results = finetune.main(finetune_args(finetune_data, output, "--architecture", "scbert-small", "--num_epochs", "1",
+                                          "--no_baseline"))
+    assert results["model_type"] == "scbert" and 0.0 <= results["model"]["macro_f1"] <= 1.0
+    assert GeneExpressionTokenizer.from_pretrained(output / "model").selected_genes is None
 
 
 def _split_args(**overrides) -> argparse.Namespace:

@@ -33,8 +33,6 @@ from train.training import (  # noqa: E402
     architecture_config,
     architecture_mode,
     classification_metrics,
-    dataset_matrix,
-    highly_variable_genes,
     load_pretrained_folder,
     load_tokenized_dataset,
     initialise_gene_embeddings,
@@ -42,6 +40,7 @@ from train.training import (  # noqa: E402
     predict,
     read_h5ad,
     save_model_folder,
+    select_highly_variable_genes,
     train_loop,
 )
 
@@ -71,11 +70,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "averaged away")
     parser.add_argument("--gene_dropout", type=float, default=0.3,
                         help="augmentation: share of each training cell's expressed genes dropped per epoch")
-    parser.add_argument("--highly_variable_genes", type=int, default=2000,
-                        help="scBERT 2.0: draw each cell's tokens from this many highly variable genes of the training "
-                             "cells (0: from all genes); stored with the tokenizer, so inference selects the same")
     add_training_arguments(parser)
-    parser.set_defaults(num_epochs=20, learning_rate=2e-3, per_device_batch_size=16, gene_embedding_init="svd_whitened")
+    parser.set_defaults(num_epochs=20, learning_rate=2e-3, per_device_batch_size=16, gene_embedding_init="svd_whitened",
+                        highly_variable_genes=2000)
     return parser.parse_args(argv)
 
 
@@ -158,9 +155,7 @@ def main(argv=None) -> dict:
     split = split_cells(labels, names, args)
     id2label = dict(enumerate(names))
     label2id = {name: i for i, name in id2label.items()}
-    if args.highly_variable_genes:
-        tokenizer.selected_genes = highly_variable_genes(dataset_matrix(dataset.select(split["train"]), tokenizer),
-                                                         tokenizer, args.highly_variable_genes)
+    select_highly_variable_genes(tokenizer, dataset.select(split["train"]), args)
     pooling = {"pooling": args.pooling} if tokenizer.mode == "scbert2" else {}  # scBERT v1 has its own head
     if args.model:
         model = AutoModelForSequenceClassification.from_pretrained(

@@ -30,7 +30,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--output_dir", default=str(ROOT / "outputs" / "main"))
     parser.add_argument("--pretrain_epochs", type=int, default=2)
     parser.add_argument("--finetune_epochs", type=int, default=20)
-    parser.add_argument("--max_length", type=int, default=256, help="tokens per cell (most expressed genes)")
+    parser.add_argument("--max_length", type=int, default=256, help="tokens per cell at most")
+    parser.add_argument("--highly_variable_genes", type=int, default=0,
+                        help="both stages draw the tokens from this many highly variable genes (0: the most expressed)")
     parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("--learning_rate", type=float, default=2e-3)
     parser.add_argument("--seed", type=int, default=42)
@@ -48,7 +50,7 @@ def run_stage(launcher: str, script: str, arguments: list[str]) -> None:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     output = Path(args.output_dir)
-    common = ["--seed", str(args.seed), "--per_device_batch_size", str(args.batch_size),
+    common = ["--seed", str(args.seed), "--highly_variable_genes", str(args.highly_variable_genes), "--per_device_batch_size", str(args.batch_size),
               "--learning_rate", str(args.learning_rate), "--no_progress_bar",
               "--cache_dir", str(output / "cache")]
     start = time.perf_counter()

@@ -31,6 +31,7 @@ from train.training import (  # noqa: E402
     make_accelerator,
     read_h5ad,
     save_model_folder,
+    select_highly_variable_genes,
     train_loop,
 )
 
@@ -68,6 +69,7 @@ def main(argv=None) -> Path:
         model = AutoModelForMaskedLM.from_config(config)
     with accelerator.main_process_first():
         dataset = load_tokenized_dataset(args.data, tokenizer, cache_dir=args.cache_dir)
+    select_highly_variable_genes(tokenizer, dataset, args)
     if not args.model:
         initialise_gene_embeddings(model, dataset, tokenizer, args)
     n_parameters = sum(p.numel() for p in model.parameters())

@@ -70,6 +70,10 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
                             "at the same scale, so the small ones, e.g. rare cell types' programmes, are not "
                             "drowned out)")
     group.add_argument("--gene_embedding_std", type=float, default=0.5)
+    group.add_argument("--highly_variable_genes", type=int, default=0,
+                       help="scBERT 2.0: draw each cell's tokens from this many highly variable genes of the training "
+                            "cells (0: the most expressed of all genes); saved with the tokenizer, so inference with "
+                            "the saved folder selects the same genes")
     return parser
 
 
@@ -681,6 +685,13 @@ def highly_variable_genes(matrix, tokenizer: GeneExpressionTokenizer, n_top_gene
         sc.pp.highly_variable_genes(cells, n_top_genes=n_top_genes, flavor=flavor)
         chosen |= cells.var["highly_variable"].to_numpy()
     return [tokenizer.genes[i] for i in expressed[chosen]]
+
+
+def select_highly_variable_genes(tokenizer: GeneExpressionTokenizer, dataset, args: argparse.Namespace) -> None:
+    """Applies ``--highly_variable_genes`` to a scBERT 2.0 tokenizer (scBERT v1 reads the full gene panel)."""
+    if args.highly_variable_genes and tokenizer.mode == "scbert2":
+        tokenizer.selected_genes = highly_variable_genes(dataset_matrix(dataset, tokenizer), tokenizer,
+                                                         args.highly_variable_genes)
 
 
 def svd_gene_embeddings(matrix, hidden_size: int, std: float, seed: int, whiten: bool = False) -> np.ndarray:
