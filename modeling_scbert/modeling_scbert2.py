@@ -101,8 +101,8 @@ class ScBert2MLP(nn.Module):
 class ScBert2SparseMoeBlock(nn.Module):
     """Top-k routed mixture of SwiGLU experts (Mixtral), with the top-k weights renormalised to sum to 1.
 
-    Dispatch sorts the (token, choice) pairs by expert once, so each expert's tokens are one contiguous slice of the
-    sorted order (no per-expert scan over all tokens); padding tokens are sent to no expert.
+    Tokens are dispatched per expert with `index_select` / `index_add_`, looping only over the experts that received
+    tokens; padding tokens are not sent to any expert.
     """
 
     def __init__(self, config: ScBert2Config):
@@ -130,25 +130,18 @@ class ScBert2SparseMoeBlock(nn.Module):
         router_logits, top_k_weights, top_k_index = self.route(hidden_states)
 
         with torch.no_grad():
-            expert_of_pair = top_k_index.reshape(-1)  # [N, k] -> [N*k]: pair n*k + j is token n's j-th choice
+            # [B*L, k, E] -> [E, k, B*L]: expert_mask[e, j, n] is 1 if token n's j-th choice is expert e
+            expert_mask = F.one_hot(top_k_index, num_classes=self.num_experts).permute(2, 1, 0)
             if token_mask is not None:
-                # Padding pairs go to expert E, which does not exist, so they sort last and are never run.
-                is_padding = ~token_mask.reshape(-1, 1).bool().expand(-1, self.top_k).reshape(-1)  # [B, L] -> [N*k]
-                expert_of_pair = expert_of_pair.masked_fill(is_padding, self.num_experts)
-            pair_order = torch.argsort(expert_of_pair, stable=True)
-            tokens_per_expert = torch.bincount(expert_of_pair, minlength=self.num_experts + 1)[: self.num_experts]
-            token_of_pair = pair_order // self.top_k
+                expert_mask = expert_mask * token_mask.reshape(1, 1, -1).to(expert_mask.dtype)  # [B, L] -> [1, 1, B*L]
+            expert_hit = torch.nonzero(expert_mask.sum(dim=(1, 2))).flatten().tolist()
 
-        pair_weights = top_k_weights.reshape(-1)[pair_order]  # [N, k] -> [N*k], sorted by expert
         final_hidden_states = torch.zeros_like(hidden_states)
-        start = 0
-        for expert, count in zip(self.experts, tokens_per_expert.tolist()):
-            if count:
-                token_idx = token_of_pair[start:start + count]
-                expert_output = expert(hidden_states.index_select(0, token_idx))
-                expert_output = expert_output * pair_weights[start:start + count, None].to(expert_output.dtype)
-                final_hidden_states.index_add_(0, token_idx, expert_output)
-            start += count
+        for expert_idx in expert_hit:
+            top_k_pos, token_idx = torch.where(expert_mask[expert_idx])
+            expert_output = self.experts[expert_idx](hidden_states.index_select(0, token_idx))
+            expert_output = expert_output * top_k_weights[token_idx, top_k_pos, None].to(expert_output.dtype)
+            final_hidden_states.index_add_(0, token_idx, expert_output)
         final_hidden_states = final_hidden_states.reshape(batch_size, seq_len, hidden_dim)  # [B*L, H] -> [B, L, H]
         return final_hidden_states, router_logits
 
