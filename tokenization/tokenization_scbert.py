@@ -498,14 +498,15 @@ class GeneExpressionTokenizer(PushToHubMixin):
     def _select_genes(self, cell: dict[str, Any], budget: int | None) -> tuple[np.ndarray, np.ndarray]:
         ids = np.asarray(cell["gene_ids"], dtype=np.int64)
         vals = np.asarray(cell["values"], dtype=np.float32)
-        candidates = np.arange(self.num_special_tokens, self.vocab_size)
         if self._selected_ids is not None:
-            candidates = self._selected_ids
-            selected = np.isin(ids, candidates, assume_unique=True)
+            selected = np.isin(ids, self._selected_ids, assume_unique=True)
             if selected.any():
                 ids, vals = ids[selected], vals[selected]
         if self.zero_fraction > 0:
-            unexpressed = np.setdiff1d(candidates, ids, assume_unique=True)
+            pool = self._selected_ids
+            if pool is None:
+                pool = np.arange(self.num_special_tokens, self.vocab_size)
+            unexpressed = np.setdiff1d(pool, ids, assume_unique=True)
             n_zeros = min(int(round(self.zero_fraction * len(ids))), len(unexpressed))
             zeros = self._rng.choice(unexpressed, size=n_zeros, replace=False)
             ids = np.concatenate([ids, zeros])

@@ -50,8 +50,9 @@ def run_stage(launcher: str, script: str, arguments: list[str]) -> None:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     output = Path(args.output_dir)
-    common = ["--seed", str(args.seed), "--highly_variable_genes", str(args.highly_variable_genes), "--per_device_batch_size", str(args.batch_size),
-              "--learning_rate", str(args.learning_rate), "--no_progress_bar",
+    common = ["--seed", str(args.seed), "--highly_variable_genes", str(args.highly_variable_genes),
+              "--per_device_batch_size", str(args.batch_size), "--learning_rate", str(args.learning_rate),
+              "--no_progress_bar",
               "--cache_dir", str(output / "cache")]
     start = time.perf_counter()
     run_stage(args.launcher, "pretrain.py", [
