@@ -103,7 +103,8 @@ def dataset_fingerprint(paths: Iterable[str | os.PathLike], tokenizer: GeneExpre
         stat = Path(path).stat()
         digest.update(f"{Path(path).resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode())
     digest.update(json.dumps(tokenizer.get_vocab(), sort_keys=True).encode())
-    digest.update(json.dumps({k: tokenizer._init_kwargs()[k] for k in ("target_sum", "input_log_base")}).encode())
+    settings = tokenizer._init_kwargs()
+    digest.update(json.dumps({k: settings[k] for k in ("target_sum", "input_log_base")}).encode())
     digest.update(extra.encode())
     return digest.hexdigest()[:16]
 
