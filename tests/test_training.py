@@ -28,8 +28,10 @@ import modeling_scbert
 from tokenization import GeneExpressionTokenizer
 from train import finetune, pretrain
 from train.training import (
+    EMA_FILE,
     STATE_FILE,
     ClassificationCollator,
+    LengthGroupedSampler,
     MaskedExpressionCollator,
     build_optimizer,
     checkpoint_dirs,
@@ -354,6 +356,25 @@ def test_gene_dropout_drops_the_requested_share_reproducibly(cells):
         ClassificationCollator(tokenizer, gene_dropout=1.0)
 
 
+def test_class_balanced_sampling_draws_every_class_equally_and_reproducibly():
+    rng = np.random.default_rng(0)
+    labels = np.repeat([0, 1, 2], [300, 30, 3])
+    lengths = rng.integers(50, 500, size=len(labels))
+    sampler = LengthGroupedSampler(lengths, batch_size=16, seed=0, weights=1.0 / np.bincount(labels)[labels])
+    first = list(sampler)
+    assert len(first) == len(labels) and first == list(sampler)
+    counts = np.bincount(labels[first], minlength=3)
+    assert np.all(np.abs(counts / len(labels) - 1 / 3) < 0.06), counts  # 3 cells drawn about 111 times
+    sampler.set_epoch(1)
+    assert list(sampler) != first
+    # Batches still group cells of similar length: far less spread within a batch than in a random batch.
+    batches = [lengths[first[i:i + 16]] for i in range(0, len(first) - 15, 16)]
+    assert np.median([b.max() - b.min() for b in batches]) < 0.5 * (lengths.max() - lengths.min())
+    for bad in (np.ones(3), -np.ones(len(labels)), np.zeros(len(labels))):
+        with pytest.raises(ValueError, match="Sampling weights must be"):
+            LengthGroupedSampler(lengths, 16, 0, weights=bad)
+
+
 # ------------------------------------------------------------------------------------------------- 3. resume
 def test_resolve_checkpoint_ignores_partial_and_sorts_numerically(tmp_path):
     assert resolve_checkpoint(str(tmp_path), "latest") is None
@@ -515,6 +536,30 @@ accelerator.end_training()
 '''
 
 
+def test_weight_average_is_the_final_model_and_resumes_from_its_checkpoint(pretrain_data, tmp_path):
+    def run(output: Path, *extra: str) -> Path:
+        return pretrain.main(pretrain_args(pretrain_data, output, "scbert2-tiny", "--max_steps", "8",
+                                           "--checkpointing_steps", "4", "--ema_decay", "0.8", *extra))
+
+    full = run(tmp_path / "full")
+    checkpoint = tmp_path / "full" / "checkpoints" / "checkpoint-8"
+    average = {name.removeprefix("module."): t for name, t in load_file(str(checkpoint / EMA_FILE)).items()
+               if name.startswith("module.")}
+    trained = weights(checkpoint)  # accelerate's save_state: the weights the optimizer moved
+    assert_same_weights(weights(full), average, atol=0)
+    assert max((trained[n] - average[n]).abs().max().item() for n in trained) > 1e-4
+
+    resumed = run(tmp_path / "resumed", "--resume_from_checkpoint", str(tmp_path / "full" / "checkpoints" / "checkpoint-4"))
+    assert_same_weights(weights(resumed), weights(full), atol=1e-5)
+
+    plain = tmp_path / "plain"
+    pretrain.main(pretrain_args(pretrain_data, plain, "scbert2-tiny", "--max_steps", "4", "--checkpointing_steps", "4"))
+    with pytest.raises(FileNotFoundError, match="without --ema_decay"):
+        run(plain, "--resume_from_checkpoint", "latest")
+    with pytest.raises(ValueError, match="ema_decay must be in"):
+        run(tmp_path / "bad", "--ema_decay", "1.5")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -591,6 +636,32 @@ def test_finetune_from_scratch_writes_results_and_labels(finetune_data, tmp_path
     assert tokenizer.num_genes == N_GENES and 40 <= len(tokenizer.selected_genes) <= 80
     records = log_records(output, "finetune")
     assert any("eval_macro_f1" in r for r in records)
+
+
+def test_finetune_freezes_the_gene_table_and_samples_classes_when_asked(finetune_data, tmp_path, monkeypatch):
+    seen = {}
+    real_train_loop = finetune.train_loop
+
+    def spy(accelerator, model, train_dataset, *args, sample_weights=None, **kwargs):
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        seen["weights"], seen["labels"] = sample_weights, np.asarray(train_dataset["label"])
+        result = real_train_loop(accelerator, model, train_dataset, *args, sample_weights=sample_weights, **kwargs)
+        seen["changed"] = {n for n, p in accelerator.unwrap_model(model).named_parameters()
+                           if not torch.equal(p.detach(), before[n])}
+        return result
+
+    monkeypatch.setattr(finetune, "train_loop", spy)
+    finetune.main(finetune_args(finetune_data, tmp_path / "run", "--architecture", "scbert2-tiny", "--max_steps", "3",
+                                "--no_baseline", "--freeze_gene_embeddings", "--class_sampling", "balanced",
+                                "--class_weighting", "none"))
+    assert "model.embeddings.gene_embeddings.weight" not in seen["changed"]
+    assert "classifier.weight" in seen["changed"] and len(seen["changed"]) > 10
+    per_class = np.bincount(seen["labels"], weights=seen["weights"])
+    assert np.allclose(per_class, 1.0)  # each class's cells share one unit of sampling weight
+
+    with pytest.raises(ValueError, match="freeze_gene_embeddings applies to scBERT 2.0"):
+        finetune.main(finetune_args(finetune_data, tmp_path / "v1", "--architecture", "scbert-small", "--max_steps",
+                                    "1", "--no_baseline", "--freeze_gene_embeddings"))
 
 
 def test_finetune_scbert_v1_from_scratch_keeps_the_full_panel(finetune_data, tmp_path):

@@ -61,6 +61,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--fold", type=int, default=0)
     parser.add_argument("--class_weighting", choices=["none", "balanced"], default="balanced",
                         help="balanced: cross-entropy weighted by inverse class frequency")
+    parser.add_argument("--class_sampling", choices=["none", "balanced"], default="none",
+                        help="balanced: every epoch draws each class equally often (with replacement), so a rare "
+                             "type's few cells are seen many times, each time with a different --gene_dropout; use "
+                             "with --class_weighting none")
     parser.add_argument("--patience", type=int, default=6, help="epochs without validation macro-F1 gain")
     parser.add_argument("--baseline_C", type=float, nargs="+", default=[0.01, 0.1, 1.0],
                         help="inverse L1 strengths tried for the baseline (picked on the validation cells)")
@@ -70,6 +74,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "averaged away")
     parser.add_argument("--gene_dropout", type=float, default=0.3,
                         help="augmentation: share of each training cell's expressed genes dropped per epoch")
+    parser.add_argument("--freeze_gene_embeddings", action="store_true",
+                        help="scBERT 2.0: keep the gene embedding table fixed (the SVD initialisation or the pretrained "
+                             "table) and train the rest: a rare type's few training cells cannot then reshape the "
+                             "vectors of its marker genes to memorise those cells")
     add_training_arguments(parser)
     parser.set_defaults(num_epochs=20, learning_rate=2e-3, per_device_batch_size=16, gene_embedding_init="svd_whitened",
                         highly_variable_genes=2000)
@@ -165,6 +173,10 @@ def main(argv=None) -> dict:
                                      label2id=label2id, **pooling)
         model = AutoModelForSequenceClassification.from_config(config)
         initialise_gene_embeddings(model, dataset.select(split["train"]), tokenizer, args)
+    if args.freeze_gene_embeddings:
+        if model.config.model_type != "scbert2":
+            raise ValueError("--freeze_gene_embeddings applies to scBERT 2.0 (its gene table); scBERT v1 has none.")
+        model.get_input_embeddings().weight.requires_grad_(False)
 
     loss_fn = None
     if args.class_weighting == "balanced":
@@ -172,6 +184,11 @@ def main(argv=None) -> dict:
         weights = len(split["train"]) / (len(names) * np.maximum(counts, 1))
         loss_fn = weighted_cross_entropy(torch.tensor(weights, dtype=torch.float32),
                                          getattr(model.config, "router_aux_loss_coef", 0.0))
+
+    sample_weights = None
+    if args.class_sampling == "balanced":
+        train_labels = labels[split["train"]]
+        sample_weights = 1.0 / np.bincount(train_labels, minlength=len(names))[train_labels]
 
     collate = ClassificationCollator(tokenizer)
     train_collate = ClassificationCollator(tokenizer, gene_dropout=args.gene_dropout, seed=args.seed)
@@ -185,7 +202,8 @@ def main(argv=None) -> dict:
         save_model_folder(unwrapped, tokenizer, output, accelerator)
 
     result = train_loop(accelerator, model, dataset.select(split["train"]), train_collate, args, evaluate=evaluate,
-                        metric_for_best="macro_f1", patience=args.patience, on_new_best=keep_best, loss_fn=loss_fn)
+                        metric_for_best="macro_f1", patience=args.patience, on_new_best=keep_best, loss_fn=loss_fn,
+                        sample_weights=sample_weights)
     best = AutoModelForSequenceClassification.from_pretrained(output)
     logits, y = predict(accelerator, accelerator.prepare(best), dataset.select(split["test"]), collate,
                         args.per_device_batch_size)

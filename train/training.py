@@ -30,6 +30,7 @@ from accelerate import Accelerator
 from accelerate.tracking import GeneralTracker
 from accelerate.utils import ProjectConfiguration
 from torch.utils.data import DataLoader, Sampler
+from safetensors.torch import load_file, save_file
 from transformers import Adafactor, AutoConfig, get_cosine_schedule_with_warmup
 from transformers.trainer_pt_utils import get_length_grouped_indices
 
@@ -38,6 +39,7 @@ from tokenization import GeneExpressionTokenizer
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 STATE_FILE = "training_state.json"
+EMA_FILE = "ema_weights.safetensors"  # accelerate's register_for_checkpointing would pickle it
 
 
 # ---------------------------------------------------------------------------------------------------- arguments
@@ -64,6 +66,10 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     group.add_argument("--num_workers", type=int, default=1, help="DataLoader worker processes")
     group.add_argument("--cache_dir", default=None, help="where tokenized Arrow datasets are cached")
     group.add_argument("--no_progress_bar", action="store_true")
+    group.add_argument("--ema_decay", type=float, default=0.0,
+                       help="keep an exponential moving average of the weights with this decay per optimizer step "
+                            "(e.g. 0.995; 0 = off): per-epoch evaluation, the best model and the final model use the "
+                            "average, which does not swing with the last few batches as the trained weights do")
     group.add_argument("--gene_embedding_init", choices=["svd", "svd_whitened", "random"], default="svd",
                        help="scBERT 2.0 from scratch: gene vectors from a truncated SVD of the training cells "
                             "(svd: components weighted by their singular values; svd_whitened: every component "
@@ -176,14 +182,22 @@ class LengthGroupedSampler(Sampler[int]):
     """Shuffles cells in megabatches sorted by length (transformers' grouping), reseeded by ``set_epoch``.
 
     Seeding by epoch makes the order of every epoch reproducible, which is what lets a resumed run skip exactly the
-    batches it had already seen.
+    batches it had already seen. With ``weights`` (one per cell) an epoch is instead as many draws with replacement,
+    cell i drawn with probability proportional to ``weights[i]`` (e.g. class-balanced sampling), grouped the same way.
     """
 
-    def __init__(self, lengths: np.ndarray, batch_size: int, seed: int):
+    def __init__(self, lengths: np.ndarray, batch_size: int, seed: int, weights: np.ndarray | None = None):
         self.lengths = [int(n) for n in lengths]
         self.batch_size = batch_size
         self.seed = seed
         self.epoch = 0
+        self.weights = None
+        if weights is not None:
+            weights = torch.as_tensor(np.asarray(weights, dtype=np.float64))
+            if weights.shape != (len(self.lengths),) or not bool((weights >= 0).all()) or not weights.sum() > 0:
+                raise ValueError(f"Sampling weights must be {len(self.lengths)} non-negative numbers (one per cell), "
+                                 f"not all zero; got shape {tuple(weights.shape)}.")
+            self.weights = weights
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -193,7 +207,11 @@ class LengthGroupedSampler(Sampler[int]):
 
     def __iter__(self):
         generator = torch.Generator().manual_seed(self.seed + self.epoch)
-        return iter(get_length_grouped_indices(self.lengths, self.batch_size, generator=generator))
+        if self.weights is None:
+            return iter(get_length_grouped_indices(self.lengths, self.batch_size, generator=generator))
+        drawn = torch.multinomial(self.weights, len(self.lengths), replacement=True, generator=generator).tolist()
+        grouped = get_length_grouped_indices([self.lengths[i] for i in drawn], self.batch_size, generator=generator)
+        return iter([drawn[i] for i in grouped])
 
 
 class IndexedCells(torch.utils.data.Dataset):
@@ -214,8 +232,9 @@ class IndexedCells(torch.utils.data.Dataset):
         return [{**row, "index": int(i)} for row, i in zip(rows, indices)]
 
 
-def make_loader(dataset, collate_fn: Callable, batch_size: int, shuffle: bool, seed: int, num_workers: int) -> DataLoader:
-    sampler = LengthGroupedSampler(cell_lengths(dataset), batch_size, seed) if shuffle else None
+def make_loader(dataset, collate_fn: Callable, batch_size: int, shuffle: bool, seed: int, num_workers: int,
+                sample_weights: np.ndarray | None = None) -> DataLoader:
+    sampler = LengthGroupedSampler(cell_lengths(dataset), batch_size, seed, sample_weights) if shuffle else None
     return DataLoader(
         IndexedCells(dataset),
         batch_size=batch_size,
@@ -432,7 +451,8 @@ def checkpoint_dirs(output_dir: str | os.PathLike) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def save_checkpoint(accelerator: Accelerator, output_dir: str, state: dict, total_limit: int) -> Path:
+def save_checkpoint(accelerator: Accelerator, output_dir: str, state: dict, total_limit: int,
+                    ema: torch.nn.Module | None = None) -> Path:
     root = Path(output_dir) / "checkpoints"
     final = root / f"checkpoint-{state['step']}"
     partial = root / f"{final.name}.partial"
@@ -442,6 +462,9 @@ def save_checkpoint(accelerator: Accelerator, output_dir: str, state: dict, tota
     accelerator.save_state(str(partial))
     accelerator.wait_for_everyone()  # every process has written its random_states_<rank>.pkl before the rename
     if accelerator.is_main_process:
+        if ema is not None:
+            # Cloned so tensors shared inside the model (tied weights) are stored separately, as safetensors requires.
+            save_file({name: t.detach().cpu().clone() for name, t in ema.state_dict().items()}, partial / EMA_FILE)
         (partial / STATE_FILE).write_text(json.dumps(state))
         shutil.rmtree(final, ignore_errors=True)
         os.replace(partial, final)
@@ -484,6 +507,15 @@ def build_optimizer(model: torch.nn.Module, args: argparse.Namespace) -> torch.o
     return torch.optim.AdamW(groups, lr=args.learning_rate)
 
 
+def exponential_moving_average(model: torch.nn.Module, decay: float) -> torch.nn.Module:
+    """torch's AveragedModel keeping an EMA of ``model``'s parameters and buffers (``.module`` is the averaged model)."""
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    if not 0.0 < decay < 1.0:
+        raise ValueError(f"--ema_decay must be in (0, 1) (or 0 for no averaging), got {decay}.")
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+
+
 def train_loop(
     accelerator: Accelerator,
     model: torch.nn.Module,
@@ -495,15 +527,19 @@ def train_loop(
     patience: int | None = None,
     on_new_best: Callable[[torch.nn.Module], None] | None = None,
     loss_fn: Callable[[Any, torch.Tensor], torch.Tensor] | None = None,
+    sample_weights: np.ndarray | None = None,
 ) -> LoopResult:
     """Trains ``model`` with Accelerate; evaluates once per epoch when ``evaluate`` is given.
 
     With ``metric_for_best`` (higher is better) ``on_new_best`` is called on the unwrapped model at every
     improvement, and training stops after ``patience`` epochs without one. ``loss_fn(outputs, labels)`` replaces
-    the model's own loss (the labels are then kept from the model).
+    the model's own loss (the labels are then kept from the model). ``sample_weights`` (one per training cell) makes
+    every epoch draws with replacement in proportion to them (see `LengthGroupedSampler`). With ``args.ema_decay`` the weight average is
+    what gets evaluated and passed to ``on_new_best``, and it is copied into ``model`` at the end.
     """
     start = time.perf_counter()
-    train_loader = make_loader(train_dataset, collate_fn, args.per_device_batch_size, True, args.seed, args.num_workers)
+    train_loader = make_loader(train_dataset, collate_fn, args.per_device_batch_size, True, args.seed, args.num_workers,
+                               sample_weights)
     optimizer = build_optimizer(model, args)
     updates_per_epoch = math.ceil(len(train_loader) / accelerator.num_processes / args.gradient_accumulation_steps)
     max_steps = args.max_steps or args.num_epochs * updates_per_epoch
@@ -513,6 +549,7 @@ def train_loop(
     scheduler = get_cosine_schedule_with_warmup(optimizer, int(args.warmup_ratio * max_steps) * accelerator.num_processes,
                                                 max_steps * accelerator.num_processes)
     model, optimizer, train_loader, scheduler = accelerator.prepare(model, optimizer, train_loader, scheduler)
+    ema = exponential_moving_average(accelerator.unwrap_model(model), args.ema_decay) if args.ema_decay else None
 
     step, first_epoch, batches_done, best, stale = 0, 0, 0, None, 0
     checkpoint = resolve_checkpoint(args.output_dir, args.resume_from_checkpoint)
@@ -521,6 +558,11 @@ def train_loop(
         state = json.loads((checkpoint / STATE_FILE).read_text())
         step, first_epoch, batches_done = state["step"], state["epoch"], state["batches_done"]
         best, stale = state.get("best_metric"), state.get("stale_epochs", 0)
+        if ema is not None:
+            if not (checkpoint / EMA_FILE).exists():
+                raise FileNotFoundError(f"{checkpoint} has no {EMA_FILE}: it was saved by a run without --ema_decay; "
+                                        "resume it without --ema_decay or start a new run.")
+            ema.load_state_dict(load_file(checkpoint / EMA_FILE, device=str(accelerator.device)))
         accelerator.print(f"Resumed from {checkpoint} at step {step} (epoch {first_epoch}, batch {batches_done}).")
 
     progress = None
@@ -560,6 +602,8 @@ def train_loop(
             if not accelerator.sync_gradients:
                 continue
             step += 1
+            if ema is not None:
+                ema.update_parameters(accelerator.unwrap_model(model))
             if progress is not None:
                 progress.update(1)
                 progress.set_postfix(loss=f"{loss.item():.4f}")
@@ -574,18 +618,18 @@ def train_loop(
             if args.checkpointing_steps and step % args.checkpointing_steps == 0:
                 save_checkpoint(accelerator, args.output_dir, {
                     "step": step, "epoch": epoch, "batches_done": batch_index, "best_metric": best,
-                    "stale_epochs": stale}, args.checkpoints_total_limit)
+                    "stale_epochs": stale}, args.checkpoints_total_limit, ema)
             if step >= max_steps:
                 break
         if evaluate is not None:
-            metrics = evaluate(model)
+            metrics = evaluate(model if ema is None else ema.module)
             accelerator.log({f"eval_{k}": v for k, v in metrics.items()}, step=step)
             accelerator.print(f"epoch {epoch}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
             if metric_for_best is not None:
                 if best is None or metrics[metric_for_best] > best:
                     best, stale = metrics[metric_for_best], 0
                     if on_new_best is not None:
-                        on_new_best(accelerator.unwrap_model(model))
+                        on_new_best(accelerator.unwrap_model(model) if ema is None else ema.module)
                 else:
                     stale += 1
                 if patience is not None and stale >= patience:
@@ -596,6 +640,8 @@ def train_loop(
             break
     if progress is not None:
         progress.close()
+    if ema is not None:
+        accelerator.unwrap_model(model).load_state_dict(ema.module.state_dict())
     return LoopResult(step=step, epoch=epoch, best_metric=best, stopped_early=stopped_early,
                       seconds=time.perf_counter() - start)
 
