@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import anndata as ad
@@ -25,6 +26,9 @@ MAX_LENGTH = 2048  # scBERT 2.0's and Geneformer's token budget per cell
 SCBERT_PANEL_GENES = 16906  # scBERT's gene panel; the model input adds one trailing token
 GENEFORMER_VOCAB = 25426  # Geneformer's token dictionary (pad, mask and 25,424 genes)
 GENEFORMER_SPECIAL_TOKENS = 2  # <pad> = 0, <mask> = 1
+# train/finetune.py's defaults, the setting of the cross-validated macro-F1: tokens from 2,000 highly variable genes.
+ANNOTATION_HIGHLY_VARIABLE_GENES = 2000
+ANNOTATION_MAX_LENGTH = 256
 
 
 def data_path() -> Path:
@@ -63,6 +67,16 @@ class Cells:
     @property
     def vocab_size(self) -> int:
         return self.scbert2_tokenizer.vocab_size
+
+    @cached_property
+    def annotation_tokenizer(self) -> GeneExpressionTokenizer:
+        """The tokenizer a model fine-tuned with train/finetune.py's defaults saves: the union of scanpy's Seurat and
+        Cell Ranger highly variable genes (here of all benchmark cells), at most 256 tokens per cell."""
+        from train.training import highly_variable_genes
+
+        genes = highly_variable_genes(self.encoded, self.scbert2_tokenizer, ANNOTATION_HIGHLY_VARIABLE_GENES)
+        return GeneExpressionTokenizer.from_adata(self.adata, mode="scbert2", max_length=ANNOTATION_MAX_LENGTH,
+                                                  selected_genes=genes)
 
     def expressed_genes(self) -> np.ndarray:
         return np.diff(self.encoded.indptr)
@@ -103,6 +117,11 @@ def scbert_panel_inputs(cells: Cells, rows: np.ndarray) -> dict[str, torch.Tenso
 def scbert2_inputs(cells: Cells, rows: np.ndarray) -> dict[str, torch.Tensor]:
     """CLS + the expressed genes (at most 2,047, the most expressed), padded to the batch's longest cell."""
     return dict(cells.scbert2_tokenizer.collate(cells.sparse_cells(rows)))
+
+
+def scbert2_annotation_inputs(cells: Cells, rows: np.ndarray) -> dict[str, torch.Tensor]:
+    """CLS + the cell's most expressed highly variable genes (at most 255): what a fine-tuned annotation model reads."""
+    return dict(cells.annotation_tokenizer.collate(cells.sparse_cells(rows)))
 
 
 def geneformer_inputs(cells: Cells, rows: np.ndarray) -> dict[str, torch.Tensor]:
