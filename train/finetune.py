@@ -4,8 +4,9 @@
         --output_dir runs/annotate
 
 Splits the cells (stratified train/validation/test, or fold K of a stratified k-fold), trains with early stopping on
-validation macro-F1, evaluates the best model on the held-out cells and fits, on the same split, L1-regularised
-logistic regression on the same log-normalised expression. OUTPUT_DIR/model is the Hub-ready folder;
+the validation macro-F1 of an exponential moving average of the weights (`--ema_decay`, 0.995 by default), evaluates
+the best model on the held-out cells and fits, on the same split, L1-regularised logistic regression on the same
+log-normalised expression. OUTPUT_DIR/model is the Hub-ready folder;
 OUTPUT_DIR/results.json holds both results.
 """
 
@@ -80,7 +81,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "vectors of its marker genes to memorise those cells")
     add_training_arguments(parser)
     parser.set_defaults(num_epochs=20, learning_rate=2e-3, per_device_batch_size=16, gene_embedding_init="svd_whitened",
-                        highly_variable_genes=2000)
+                        highly_variable_genes=2000, ema_decay=0.995)
     return parser.parse_args(argv)
 
 
