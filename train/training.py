@@ -29,8 +29,8 @@ import torch
 from accelerate import Accelerator
 from accelerate.tracking import GeneralTracker
 from accelerate.utils import ProjectConfiguration
-from torch.utils.data import DataLoader, Sampler
 from safetensors.torch import load_file, save_file
+from torch.utils.data import DataLoader, Sampler
 from transformers import Adafactor, AutoConfig, get_cosine_schedule_with_warmup
 from transformers.trainer_pt_utils import get_length_grouped_indices
 
@@ -533,9 +533,9 @@ def train_loop(
 
     With ``metric_for_best`` (higher is better) ``on_new_best`` is called on the unwrapped model at every
     improvement, and training stops after ``patience`` epochs without one. ``loss_fn(outputs, labels)`` replaces
-    the model's own loss (the labels are then kept from the model). ``sample_weights`` (one per training cell) makes
-    every epoch draws with replacement in proportion to them (see `LengthGroupedSampler`). With ``args.ema_decay`` the weight average is
-    what gets evaluated and passed to ``on_new_best``, and it is copied into ``model`` at the end.
+    the model's own loss (the labels are then kept from the model). With ``sample_weights`` (one per training cell)
+    every epoch is drawn with replacement in proportion to them (see `LengthGroupedSampler`). With ``args.ema_decay``
+    the weight average is what gets evaluated and passed to ``on_new_best``, and it is copied into ``model`` at the end.
     """
     start = time.perf_counter()
     train_loader = make_loader(train_dataset, collate_fn, args.per_device_batch_size, True, args.seed, args.num_workers,
