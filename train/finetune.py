@@ -179,17 +179,15 @@ def main(argv=None) -> dict:
             raise ValueError("--freeze_gene_embeddings applies to scBERT 2.0 (its gene table); scBERT v1 has none.")
         model.get_input_embeddings().weight.requires_grad_(False)
 
+    train_labels = labels[split["train"]]
+    counts = np.bincount(train_labels, minlength=len(names)).astype(np.float64)
     loss_fn = None
     if args.class_weighting == "balanced":
-        counts = np.bincount(labels[split["train"]], minlength=len(names)).astype(np.float64)
         weights = len(split["train"]) / (len(names) * np.maximum(counts, 1))
         loss_fn = weighted_cross_entropy(torch.tensor(weights, dtype=torch.float32),
                                          getattr(model.config, "router_aux_loss_coef", 0.0))
 
-    sample_weights = None
-    if args.class_sampling == "balanced":
-        train_labels = labels[split["train"]]
-        sample_weights = 1.0 / np.bincount(train_labels, minlength=len(names))[train_labels]
+    sample_weights = 1.0 / counts[train_labels] if args.class_sampling == "balanced" else None
 
     collate = ClassificationCollator(tokenizer)
     train_collate = ClassificationCollator(tokenizer, gene_dropout=args.gene_dropout, seed=args.seed)
