@@ -638,26 +638,31 @@ def test_finetune_from_scratch_writes_results_and_labels(finetune_data, tmp_path
     assert any("eval_macro_f1" in r for r in records)
 
 
-def test_finetune_freezes_the_gene_table_and_samples_classes_when_asked(finetune_data, tmp_path, monkeypatch):
+def test_finetune_freezes_the_gene_table_and_balances_classes(finetune_data, tmp_path, monkeypatch):
     seen = {}
     real_train_loop = finetune.train_loop
 
-    def spy(accelerator, model, train_dataset, *args, sample_weights=None, **kwargs):
+    def spy(accelerator, model, train_dataset, *args, sample_weights=None, loss_fn=None, **kwargs):
         before = {n: p.detach().clone() for n, p in model.named_parameters()}
-        seen["weights"], seen["labels"] = sample_weights, np.asarray(train_dataset["label"])
-        result = real_train_loop(accelerator, model, train_dataset, *args, sample_weights=sample_weights, **kwargs)
+        seen.update(weights=sample_weights, labels=np.asarray(train_dataset["label"]), loss_fn=loss_fn)
+        result = real_train_loop(accelerator, model, train_dataset, *args, sample_weights=sample_weights,
+                                 loss_fn=loss_fn, **kwargs)
         seen["changed"] = {n for n, p in accelerator.unwrap_model(model).named_parameters()
                            if not torch.equal(p.detach(), before[n])}
         return result
 
     monkeypatch.setattr(finetune, "train_loop", spy)
     finetune.main(finetune_args(finetune_data, tmp_path / "run", "--architecture", "scbert2-tiny", "--max_steps", "3",
-                                "--no_baseline", "--freeze_gene_embeddings", "--class_sampling", "balanced",
-                                "--class_weighting", "none"))
+                                "--no_baseline", "--freeze_gene_embeddings"))
     assert "model.embeddings.gene_embeddings.weight" not in seen["changed"]
     assert "classifier.weight" in seen["changed"] and len(seen["changed"]) > 10
     per_class = np.bincount(seen["labels"], weights=seen["weights"])
-    assert np.allclose(per_class, 1.0)  # each class's cells share one unit of sampling weight
+    assert np.allclose(per_class, 1.0)  # by default each class's cells share one unit of sampling weight
+    assert seen["loss_fn"] is None  # ...and the loss is not weighted a second time
+
+    finetune.main(finetune_args(finetune_data, tmp_path / "weighted", "--architecture", "scbert2-tiny", "--max_steps",
+                                "1", "--no_baseline", "--class_sampling", "none", "--class_weighting", "balanced"))
+    assert seen["weights"] is None and seen["loss_fn"] is not None
 
     with pytest.raises(ValueError, match="freeze_gene_embeddings applies to scBERT 2.0"):
         finetune.main(finetune_args(finetune_data, tmp_path / "v1", "--architecture", "scbert-small", "--max_steps",

@@ -3,8 +3,9 @@
     accelerate launch train/finetune.py --data cells.h5ad --label_key cell_type --model runs/pretrain/model \
         --output_dir runs/annotate
 
-Splits the cells (stratified train/validation/test, or fold K of a stratified k-fold), trains with early stopping on
-the validation macro-F1 of an exponential moving average of the weights (`--ema_decay`, 0.995 by default), evaluates
+Splits the cells (stratified train/validation/test, or fold K of a stratified k-fold), trains on batches that draw
+every cell type equally often (`--class_sampling`) with early stopping on the validation macro-F1 of an exponential
+moving average of the weights (`--ema_decay`, 0.995 by default), evaluates
 the best model on the held-out cells and fits, on the same split, L1-regularised logistic regression on the same
 log-normalised expression. OUTPUT_DIR/model is the Hub-ready folder;
 OUTPUT_DIR/results.json holds both results.
@@ -60,12 +61,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--validation_size", type=float, default=0.1)
     parser.add_argument("--kfold", type=int, default=None, help="use fold --fold of a stratified k-fold as test set")
     parser.add_argument("--fold", type=int, default=0)
-    parser.add_argument("--class_weighting", choices=["none", "balanced"], default="balanced",
-                        help="balanced: cross-entropy weighted by inverse class frequency")
-    parser.add_argument("--class_sampling", choices=["none", "balanced"], default="none",
+    parser.add_argument("--class_sampling", choices=["none", "balanced"], default="balanced",
                         help="balanced: every epoch draws each class equally often (with replacement), so a rare "
-                             "type's few cells are seen many times, each time with a different --gene_dropout; use "
-                             "with --class_weighting none")
+                             "type's few cells are seen many times, each time with a different --gene_dropout")
+    parser.add_argument("--class_weighting", choices=["none", "balanced"], default="none",
+                        help="balanced: cross-entropy weighted by inverse class frequency (the alternative to "
+                             "--class_sampling balanced; both at once would count the imbalance twice)")
     parser.add_argument("--patience", type=int, default=6, help="epochs without validation macro-F1 gain")
     parser.add_argument("--baseline_C", type=float, nargs="+", default=[0.01, 0.1, 1.0],
                         help="inverse L1 strengths tried for the baseline (picked on the validation cells)")
