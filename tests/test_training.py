@@ -35,6 +35,7 @@ from train.training import (
     MaskedExpressionCollator,
     build_optimizer,
     checkpoint_dirs,
+    classification_metrics,
     resolve_checkpoint,
 )
 
@@ -874,3 +875,12 @@ def test_fsdp_wrap_class_resolves_on_a_real_model():
     policy = fsdp2_prepare_auto_wrap_policy(plugin, model)
     wrapped = [type(module).__name__ for module in model.modules() if policy(module)]
     assert wrapped == ["ScBert2EncoderLayer"] * config.num_hidden_layers
+
+
+def test_classification_metrics_name_every_class_and_each_mistake():
+    labels, predictions = np.array([0, 0, 1, 2, 2]), np.array([0, 1, 1, 1, 2])
+    metrics = classification_metrics(labels, predictions, ["a", "b", "c", "d"])
+    assert metrics["accuracy"] == pytest.approx(0.6)
+    assert metrics["per_class_f1"] == pytest.approx({"a": 2 / 3, "b": 0.5, "c": 2 / 3, "d": 0.0})
+    assert metrics["errors"] == {"a -> b": 1, "c -> b": 1}
+    assert metrics["macro_f1"] == pytest.approx((2 / 3 + 0.5 + 2 / 3) / 3)  # over the classes present

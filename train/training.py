@@ -674,9 +674,9 @@ def predict(accelerator: Accelerator, model: torch.nn.Module, dataset, collate_f
 
 
 def classification_metrics(labels: np.ndarray, predictions: np.ndarray, names: list[str] | None = None) -> dict:
-    """Accuracy and macro-F1 (plus each class's F1 with ``names``): the project's one implementation
-    (evaluate.load needs the Hub)."""
-    from sklearn.metrics import accuracy_score, f1_score
+    """Accuracy and macro-F1 (plus, with ``names``, each class's F1 and the misclassified cells counted as
+    "true -> predicted"): the project's one implementation (evaluate.load needs the Hub)."""
+    from sklearn.metrics import accuracy_score, confusion_matrix, f1_score
 
     metrics = {
         "accuracy": float(accuracy_score(labels, predictions)),
@@ -686,6 +686,9 @@ def classification_metrics(labels: np.ndarray, predictions: np.ndarray, names: l
         # Over every class, present here or not, so per-class numbers line up across folds.
         per_class = f1_score(labels, predictions, labels=np.arange(len(names)), average=None, zero_division=0)
         metrics["per_class_f1"] = {name: float(f1) for name, f1 in zip(names, per_class)}
+        confusion = confusion_matrix(labels, predictions, labels=np.arange(len(names)))
+        np.fill_diagonal(confusion, 0)
+        metrics["errors"] = {f"{names[t]} -> {names[p]}": int(confusion[t, p]) for t, p in zip(*confusion.nonzero())}
     return metrics
 
 
