@@ -884,3 +884,21 @@ def test_classification_metrics_name_every_class_and_each_mistake():
     assert metrics["per_class_f1"] == pytest.approx({"a": 2 / 3, "b": 0.5, "c": 2 / 3, "d": 0.0})
     assert metrics["errors"] == {"a -> b": 1, "c -> b": 1}
     assert metrics["macro_f1"] == pytest.approx((2 / 3 + 0.5 + 2 / 3) / 3)  # over the classes present
+
+
+def test_main_job_pretrains_and_finetunes_on_highly_variable_genes(finetune_data, tmp_path, capsys):
+    from train import main as main_job
+
+    output = tmp_path / "main"
+    results = main_job.main(["--data", str(finetune_data), "--architecture", "scbert2-tiny", "--output_dir", str(output),
+                             "--pretrain_epochs", "1", "--finetune_epochs", "1", "--max_length", "64",
+                             "--highly_variable_genes", "40"])
+    folder = output / "model"
+    model = AutoModelForSequenceClassification.from_pretrained(folder)
+    assert model.config.id2label == dict(enumerate(sorted(FINETUNE_CLASSES)))
+    assert json.loads((folder / "results.json").read_text()) == json.loads(json.dumps(results))
+    assert results["pretrain"]["steps"] > 0 and "baseline_logistic_regression_l1" in results
+    for stage in (output / "pretrain" / "model", folder):  # each stage selects on its own (training) cells
+        assert 40 <= len(GeneExpressionTokenizer.from_pretrained(stage).selected_genes) <= 80
+    assert not any(name.endswith((".bin", ".pt", ".pkl")) for name in os.listdir(folder))  # safetensors only
+    assert "Hub-ready folder" in capsys.readouterr().out
