@@ -33,6 +33,7 @@ from train.training import (
     ClassificationCollator,
     LengthGroupedSampler,
     MaskedExpressionCollator,
+    balanced_log_loss,
     build_optimizer,
     checkpoint_dirs,
     classification_metrics,
@@ -661,9 +662,11 @@ def test_finetune_freezes_the_gene_table_and_balances_classes(finetune_data, tmp
     assert np.allclose(per_class, 1.0)  # by default each class's cells share one unit of sampling weight
     assert seen["loss_fn"] is None  # ...and the loss is not weighted a second time
 
-    finetune.main(finetune_args(finetune_data, tmp_path / "weighted", "--architecture", "scbert2-tiny", "--max_steps",
-                                "1", "--no_baseline", "--class_sampling", "none", "--class_weighting", "balanced"))
+    results = finetune.main(finetune_args(finetune_data, tmp_path / "weighted", "--architecture", "scbert2-tiny",
+                                          "--max_steps", "1", "--no_baseline", "--class_sampling", "none",
+                                          "--class_weighting", "balanced", "--metric_for_best", "balanced_log_loss"))
     assert seen["weights"] is None and seen["loss_fn"] is not None
+    assert results["model"]["best_validation_balanced_log_loss"] > 0
 
     with pytest.raises(ValueError, match="freeze_gene_embeddings applies to scBERT 2.0"):
         finetune.main(finetune_args(finetune_data, tmp_path / "v1", "--architecture", "scbert-small", "--max_steps",
@@ -902,3 +905,48 @@ def test_main_job_pretrains_and_finetunes_on_highly_variable_genes(finetune_data
         assert 40 <= len(GeneExpressionTokenizer.from_pretrained(stage).selected_genes) <= 80
     assert not any(name.endswith((".bin", ".pt", ".pkl")) for name in os.listdir(folder))  # safetensors only
     assert "Hub-ready folder" in capsys.readouterr().out
+
+
+def test_balanced_log_loss_weighs_every_class_the_same():
+    sure, unsure = np.log([0.9, 0.1]), np.log([0.6, 0.4])
+    labels = np.array([0, 0, 0, 1])
+    logits = np.stack([sure, sure, sure, unsure])  # three sure class-0 cells, one class-1 cell at p=0.4
+    expected = (-np.log(0.9) - np.log(0.4)) / 2  # not (3 * -log 0.9 - log 0.4) / 4
+    assert balanced_log_loss(labels, logits) == pytest.approx(expected)
+    assert balanced_log_loss(np.array([1]), logits[3:]) == pytest.approx(-np.log(0.4))  # absent classes are skipped
+
+
+@pytest.mark.parametrize("metric, scripted, kept", [
+    ("balanced_log_loss", [1.0, 0.5, 0.7, 0.4, 0.6, 0.45, 0.3, 0.2], [1.0, 0.5, 0.4]),  # lower is better
+    ("macro_f1", [0.2, 0.5, 0.4, 0.6, 0.55, 0.6, 0.9, 0.9], [0.2, 0.5, 0.6]),  # higher is better; a tie is no gain
+])
+def test_finetune_keeps_the_best_epoch_and_stops_after_patience(finetune_data, tmp_path, monkeypatch, metric, scripted,
+                                                                 kept):
+    values, emitted, saved = iter(scripted), [], []
+    real_metrics, real_save = finetune.classification_metrics, finetune.save_model_folder
+
+    def validation_metrics(labels, predictions, names=None):
+        metrics = real_metrics(labels, predictions, names)
+        if names is None and metric == "macro_f1":  # the validation pass (the test pass asks for per-class F1)
+            emitted.append(next(values))
+            metrics["macro_f1"] = emitted[-1]
+        return metrics
+
+    def validation_log_loss(labels, logits):
+        if metric == "balanced_log_loss":
+            emitted.append(next(values))
+            return emitted[-1]
+        return 1.0
+
+    def save(*args, **kwargs):
+        saved.append(emitted[-1])
+        real_save(*args, **kwargs)
+
+    monkeypatch.setattr(finetune, "classification_metrics", validation_metrics)
+    monkeypatch.setattr(finetune, "balanced_log_loss", validation_log_loss)
+    monkeypatch.setattr(finetune, "save_model_folder", save)
+    results = finetune.main(finetune_args(finetune_data, tmp_path / "run", "--architecture", "scbert2-tiny",
+                                          "--num_epochs", "8", "--patience", "2", "--no_baseline",
+                                          "--metric_for_best", metric))
+    assert saved == kept and results["model"][f"best_validation_{metric}"] == kept[-1]
+    assert emitted == scripted[:6]  # two epochs after the last improvement (epoch 3), training stopped

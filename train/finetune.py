@@ -34,6 +34,7 @@ from train.training import (  # noqa: E402
     add_training_arguments,
     architecture_config,
     architecture_mode,
+    balanced_log_loss,
     classification_metrics,
     load_pretrained_folder,
     load_tokenized_dataset,
@@ -67,7 +68,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--class_weighting", choices=["none", "balanced"], default="none",
                         help="balanced: cross-entropy weighted by inverse class frequency (the alternative to "
                              "--class_sampling balanced; both at once would count the imbalance twice)")
-    parser.add_argument("--patience", type=int, default=6, help="epochs without validation macro-F1 gain")
+    parser.add_argument("--metric_for_best", choices=["macro_f1", "balanced_log_loss"], default="macro_f1",
+                        help="validation metric for early stopping and the model kept; balanced_log_loss (lower is "
+                             "better): cross-entropy averaged per class, then over classes")
+    parser.add_argument("--patience", type=int, default=6, help="epochs without validation improvement")
     parser.add_argument("--baseline_C", type=float, nargs="+", default=[0.01, 0.1, 1.0],
                         help="inverse L1 strengths tried for the baseline (picked on the validation cells)")
     parser.add_argument("--no_baseline", action="store_true")
@@ -196,13 +200,14 @@ def main(argv=None) -> dict:
 
     def evaluate(model) -> dict[str, float]:
         logits, y = predict(accelerator, model, dataset.select(split["validation"]), collate, args.per_device_batch_size)
-        return classification_metrics(y, logits.argmax(-1))
+        return {**classification_metrics(y, logits.argmax(-1)), "balanced_log_loss": balanced_log_loss(y, logits)}
 
     def keep_best(unwrapped) -> None:
         save_model_folder(unwrapped, tokenizer, output, accelerator)
 
     result = train_loop(accelerator, model, dataset.select(split["train"]), train_collate, args, evaluate=evaluate,
-                        metric_for_best="macro_f1", patience=args.patience, on_new_best=keep_best, loss_fn=loss_fn,
+                        metric_for_best=args.metric_for_best, greater_is_better=args.metric_for_best == "macro_f1",
+                        patience=args.patience, on_new_best=keep_best, loss_fn=loss_fn,
                         sample_weights=sample_weights)
     best = AutoModelForSequenceClassification.from_pretrained(output)
     logits, y = predict(accelerator, accelerator.prepare(best), dataset.select(split["test"]), collate,
@@ -215,7 +220,7 @@ def main(argv=None) -> dict:
         "split": {k: int(len(v)) for k, v in split.items()} | ({"kfold": args.kfold, "fold": args.fold} if args.kfold else {}),
         "num_classes": len(names),
         "model": {**classification_metrics(y, logits.argmax(-1), names), "train_seconds": result.seconds,
-                  "steps": result.step, "best_validation_macro_f1": result.best_metric},
+                  "steps": result.step, f"best_validation_{args.metric_for_best}": result.best_metric},
     }
     if not args.no_baseline and accelerator.is_main_process:
         features = tokenizer.encode_matrix(adata, gene_key=args.gene_key)

@@ -524,6 +524,7 @@ def train_loop(
     args: argparse.Namespace,
     evaluate: Callable[[torch.nn.Module], dict[str, float]] | None = None,
     metric_for_best: str | None = None,
+    greater_is_better: bool = True,
     patience: int | None = None,
     on_new_best: Callable[[torch.nn.Module], None] | None = None,
     loss_fn: Callable[[Any, torch.Tensor], torch.Tensor] | None = None,
@@ -531,8 +532,8 @@ def train_loop(
 ) -> LoopResult:
     """Trains ``model`` with Accelerate; evaluates once per epoch when ``evaluate`` is given.
 
-    With ``metric_for_best`` (higher is better) ``on_new_best`` is called on the unwrapped model at every
-    improvement, and training stops after ``patience`` epochs without one. ``loss_fn(outputs, labels)`` replaces
+    With ``metric_for_best`` (higher is better unless ``greater_is_better=False``) ``on_new_best`` is called on the
+    unwrapped model at every improvement, and training stops after ``patience`` epochs without one. ``loss_fn(outputs, labels)`` replaces
     the model's own loss (the labels are then kept from the model). With ``sample_weights`` (one per training cell)
     every epoch is drawn with replacement in proportion to them (see `LengthGroupedSampler`). With ``args.ema_decay``
     the weight average is what gets evaluated and passed to ``on_new_best``, and it is copied into ``model`` at the end.
@@ -626,14 +627,15 @@ def train_loop(
             accelerator.log({f"eval_{k}": v for k, v in metrics.items()}, step=step)
             accelerator.print(f"epoch {epoch}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
             if metric_for_best is not None:
-                if best is None or metrics[metric_for_best] > best:
-                    best, stale = metrics[metric_for_best], 0
+                value = metrics[metric_for_best]
+                if best is None or (value > best if greater_is_better else value < best):
+                    best, stale = value, 0
                     if on_new_best is not None:
                         on_new_best(accelerator.unwrap_model(model) if ema is None else ema.module)
                 else:
                     stale += 1
                 if patience is not None and stale >= patience:
-                    accelerator.print(f"Early stopping: no {metric_for_best} gain in {patience} epochs.")
+                    accelerator.print(f"Early stopping: no {metric_for_best} improvement in {patience} epochs.")
                     stopped_early = True
                     break
         if step >= max_steps:
@@ -690,6 +692,15 @@ def classification_metrics(labels: np.ndarray, predictions: np.ndarray, names: l
         np.fill_diagonal(confusion, 0)
         metrics["errors"] = {f"{names[t]} -> {names[p]}": int(confusion[t, p]) for t, p in zip(*confusion.nonzero())}
     return metrics
+
+
+def balanced_log_loss(labels: np.ndarray, logits: np.ndarray) -> float:
+    """Cross-entropy averaged within each class present, then over those classes: every class weighs the same, as in
+    macro-F1, but a cell counts by how sure the model is of its true type rather than only by whether the argmax hit
+    it, so it does not move in steps of one cell when a class has one or two cells to score."""
+    log_probabilities = torch.log_softmax(torch.as_tensor(logits, dtype=torch.float64), dim=-1)
+    losses = -log_probabilities[torch.arange(len(labels)), torch.as_tensor(labels)].numpy()
+    return float(np.mean([losses[labels == c].mean() for c in np.unique(labels)]))
 
 
 def save_model_folder(model, tokenizer: GeneExpressionTokenizer, folder: str | os.PathLike, accelerator: Accelerator | None = None) -> None:
