@@ -17,6 +17,7 @@ import scipy.sparse as sp
 import torch
 
 from tokenization import GeneExpressionTokenizer
+from train import finetune
 
 REPO = Path(__file__).resolve().parents[1]
 DATA_ENV = "SCBERT_BENCH_DATA"
@@ -26,9 +27,10 @@ MAX_LENGTH = 2048  # scBERT 2.0's and Geneformer's token budget per cell
 SCBERT_PANEL_GENES = 16906  # scBERT's gene panel; the model input adds one trailing token
 GENEFORMER_VOCAB = 25426  # Geneformer's token dictionary (pad, mask and 25,424 genes)
 GENEFORMER_SPECIAL_TOKENS = 2  # <pad> = 0, <mask> = 1
-# train/finetune.py's defaults, the setting of the cross-validated macro-F1: tokens from 2,000 highly variable genes.
-ANNOTATION_HIGHLY_VARIABLE_GENES = 2000
-ANNOTATION_MAX_LENGTH = 256
+# train/finetune.py's defaults, the setting of the cross-validated macro-F1: the most expressed of the highly
+# variable genes, up to a token budget.
+ANNOTATION_HIGHLY_VARIABLE_GENES = finetune.build_parser().get_default("highly_variable_genes")
+ANNOTATION_MAX_LENGTH = finetune.build_parser().get_default("max_length")
 
 
 def data_path() -> Path:
@@ -71,7 +73,7 @@ class Cells:
     @cached_property
     def annotation_tokenizer(self) -> GeneExpressionTokenizer:
         """The tokenizer a model fine-tuned with train/finetune.py's defaults saves: the union of scanpy's Seurat and
-        Cell Ranger highly variable genes (here of all benchmark cells), at most 256 tokens per cell."""
+        Cell Ranger highly variable genes (here of all benchmark cells), at most ANNOTATION_MAX_LENGTH tokens per cell."""
         from train.training import highly_variable_genes
 
         genes = highly_variable_genes(self.encoded, self.scbert2_tokenizer, ANNOTATION_HIGHLY_VARIABLE_GENES)
@@ -120,7 +122,7 @@ def scbert2_inputs(cells: Cells, rows: np.ndarray) -> dict[str, torch.Tensor]:
 
 
 def scbert2_annotation_inputs(cells: Cells, rows: np.ndarray) -> dict[str, torch.Tensor]:
-    """CLS + the cell's most expressed highly variable genes (at most 255): what a fine-tuned annotation model reads."""
+    """CLS + the cell's most expressed highly variable genes: what a fine-tuned annotation model reads."""
     return dict(cells.annotation_tokenizer.collate(cells.sparse_cells(rows)))
 
 

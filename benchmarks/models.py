@@ -18,6 +18,8 @@ from torch import nn
 from transformers.modeling_outputs import SequenceClassifierOutput
 
 from benchmarks.data import (
+    ANNOTATION_HIGHLY_VARIABLE_GENES,
+    ANNOTATION_MAX_LENGTH,
     GENEFORMER_VOCAB,
     SCBERT_PANEL_GENES,
     Cells,
@@ -176,7 +178,8 @@ REGISTRY: list[ModelSpec] = [
     *[
         ModelSpec(f"{preset}-sdpa-annotation", partial(scbert2, preset=preset, attn_implementation="sdpa"),
                   scbert2_annotation_inputs, f"{preset}-annotation",
-                  f"{preset}, sdpa, the fine-tuned annotation input: <= 256 tokens from 2,000 highly variable genes")
+                  f"{preset}, sdpa, the fine-tuned annotation input: <= {ANNOTATION_MAX_LENGTH} tokens from "
+                  f"{ANNOTATION_HIGHLY_VARIABLE_GENES:,} highly variable genes")
         for preset in ("scbert2-small", "scbert2-moe")
     ],
     ModelSpec("scbert2-tiny-sdpa", partial(scbert2, preset="scbert2-tiny", attn_implementation="sdpa"),

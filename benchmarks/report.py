@@ -239,8 +239,8 @@ METHOD = """## Method
 - Scaling: N cells resampled from the real cells, written as an Arrow dataset (`datasets` save_to_disk of the
   tokenizer's sparse rows), then streamed from disk through a scBERT 2.0 classifier in a fresh process per size:
   record batches of 16 x 32 cells are read, regrouped by length into batches of 32 (predictions go back to file
-  order) and cut to the annotation length (`--scaling-max-length`, default 256 tokens, the most expressed genes);
-  seconds cover reading, collating and the model, and peak RSS is the process's during annotation.
+  order) and cut to the annotation length (`--scaling-max-length`, default finetune.py's `--max_length`, the most
+  expressed genes); seconds cover reading, collating and the model, and peak RSS is the process's during annotation.
 """
 
 

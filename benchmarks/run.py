@@ -23,7 +23,7 @@ sys.path[0] = str(REPO)
 import torch  # noqa: E402
 
 from benchmarks import report  # noqa: E402
-from benchmarks.data import Cells  # noqa: E402
+from benchmarks.data import ANNOTATION_MAX_LENGTH, Cells  # noqa: E402
 from benchmarks.harness import Settings, benchmark_model  # noqa: E402
 from benchmarks.measure import (  # noqa: E402
     load_average,
@@ -58,7 +58,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                                 "100,1000 for a short run")
     parser.add_argument("--scaling-preset", default="scbert2-small")
     parser.add_argument("--scaling-batch-size", type=int, default=32)
-    parser.add_argument("--scaling-max-length", type=int, default=256,
+    parser.add_argument("--scaling-max-length", type=int, default=ANNOTATION_MAX_LENGTH,
                         help="tokens per cell (CLS included) when annotating, as the fine-tuned models are trained; "
                              "0: every expressed gene")
     parser.add_argument("--scaling-sort-window", type=int, default=16,

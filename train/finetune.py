@@ -4,8 +4,8 @@
         --output_dir runs/annotate
 
 Splits the cells (stratified train/validation/test, or fold K of a stratified k-fold), trains on batches that draw
-every cell type equally often (`--class_sampling`) with early stopping on the validation macro-F1 of an exponential
-moving average of the weights (`--ema_decay`, 0.995 by default), evaluates
+every cell type equally often (`--class_sampling`) with early stopping on the validation balanced log-loss (or
+macro-F1, `--metric_for_best`) of an exponential moving average of the weights (`--ema_decay`, 0.995), evaluates
 the best model on the held-out cells and fits, on the same split, L1-regularised logistic regression on the same
 log-normalised expression. OUTPUT_DIR/model is the Hub-ready folder;
 OUTPUT_DIR/results.json holds both results.
@@ -48,7 +48,7 @@ from train.training import (  # noqa: E402
 )
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", required=True, help="an .h5ad file with labelled cells")
     parser.add_argument("--label_key", required=True, help="obs column holding the cell types")
@@ -56,8 +56,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     source.add_argument("--model", help="a pretrained folder (its tokenizer is used)")
     source.add_argument("--architecture", default="scbert2-small", help="from scratch: a preset or scbert-small")
     parser.add_argument("--gene_key", default=None)
-    parser.add_argument("--max_length", type=int, default=256,
-                        help="from scratch, scBERT 2.0: tokens per cell (the most expressed genes)")
+    parser.add_argument("--max_length", type=int, default=512,
+                        help="from scratch, scBERT 2.0: tokens per cell at most (the most expressed of the selected "
+                             "genes); 512 keeps every expressed highly variable gene of nearly every cell")
     parser.add_argument("--test_size", type=float, default=0.2)
     parser.add_argument("--validation_size", type=float, default=0.1)
     parser.add_argument("--kfold", type=int, default=None, help="use fold --fold of a stratified k-fold as test set")
@@ -68,9 +69,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--class_weighting", choices=["none", "balanced"], default="none",
                         help="balanced: cross-entropy weighted by inverse class frequency (the alternative to "
                              "--class_sampling balanced; both at once would count the imbalance twice)")
-    parser.add_argument("--metric_for_best", choices=["macro_f1", "balanced_log_loss"], default="macro_f1",
-                        help="validation metric for early stopping and the model kept; balanced_log_loss (lower is "
-                             "better): cross-entropy averaged per class, then over classes")
+    parser.add_argument("--metric_for_best", choices=["balanced_log_loss", "macro_f1"], default="balanced_log_loss",
+                        help="validation metric for early stopping and the model kept. balanced_log_loss (lower is "
+                             "better): cross-entropy averaged per class, then over classes; weighs classes like "
+                             "macro-F1 but does not jump by one cell's worth when a rare class has one validation cell")
     parser.add_argument("--patience", type=int, default=6, help="epochs without validation improvement")
     parser.add_argument("--baseline_C", type=float, nargs="+", default=[0.01, 0.1, 1.0],
                         help="inverse L1 strengths tried for the baseline (picked on the validation cells)")
@@ -87,7 +89,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     add_training_arguments(parser)
     parser.set_defaults(num_epochs=20, learning_rate=2e-3, per_device_batch_size=16, gene_embedding_init="svd_whitened",
                         highly_variable_genes=2000, ema_decay=0.995)
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def split_cells(labels: np.ndarray, names: list[str], args: argparse.Namespace) -> dict[str, np.ndarray]:

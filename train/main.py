@@ -30,7 +30,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--output_dir", default=str(ROOT / "outputs" / "main"))
     parser.add_argument("--pretrain_epochs", type=int, default=2)
     parser.add_argument("--finetune_epochs", type=int, default=20)
-    parser.add_argument("--max_length", type=int, default=256, help="tokens per cell at most")
+    parser.add_argument("--max_length", type=int, default=512, help="tokens per cell at most, as finetune.py")
     parser.add_argument("--highly_variable_genes", type=int, default=2000,
                         help="both stages draw the tokens from the highly variable genes of their cells, as "
                              "finetune.py does by default (0: the most expressed genes)")
