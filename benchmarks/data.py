@@ -29,8 +29,9 @@ GENEFORMER_VOCAB = 25426  # Geneformer's token dictionary (pad, mask and 25,424 
 GENEFORMER_SPECIAL_TOKENS = 2  # <pad> = 0, <mask> = 1
 # train/finetune.py's defaults, the setting of the cross-validated macro-F1: the most expressed of the highly
 # variable genes, up to a token budget.
-ANNOTATION_HIGHLY_VARIABLE_GENES = finetune.build_parser().get_default("highly_variable_genes")
-ANNOTATION_MAX_LENGTH = finetune.build_parser().get_default("max_length")
+_FINETUNE_PARSER = finetune.build_parser()
+ANNOTATION_HIGHLY_VARIABLE_GENES = _FINETUNE_PARSER.get_default("highly_variable_genes")
+ANNOTATION_MAX_LENGTH = _FINETUNE_PARSER.get_default("max_length")
 
 
 def data_path() -> Path:

@@ -1,6 +1,6 @@
 """The end-to-end main job: pretrain a small scBERT 2.0 MoE, fine-tune it for cell types, compare with the baseline.
 
-    python -m train.main                                  # Baron mouse pancreas, defaults take ~12 min on 2 cores
+    python -m train.main                                  # Baron mouse pancreas, defaults take ~10 min on 2 cores
     python -m train.main --data my.h5ad --label_key cell_type --pretrain_epochs 20 --finetune_epochs 30
 
 Runs train/pretrain.py and train/finetune.py as their own processes (the same commands a user runs with
