@@ -950,3 +950,41 @@ def test_finetune_keeps_the_best_epoch_and_stops_after_patience(finetune_data, t
                                           "--metric_for_best", metric))
     assert saved == kept and results["model"][f"best_validation_{metric}"] == kept[-1]
     assert emitted == scripted[:6]  # two epochs after the last improvement (epoch 3), training stopped
+
+
+def test_logit_adjustment_is_picked_on_validation_macro_f1():
+    log_prior = np.log([0.8, 0.2])
+    # Balanced-trained scores: the three majority cells lean slightly to the minority class.
+    logits = np.array([[0.0, 0.3], [0.0, 0.3], [0.0, 0.3], [0.0, 2.0]])
+    labels = np.array([0, 0, 0, 1])
+    assert finetune.choose_logit_adjustment(logits, labels, log_prior, [1.0, 0.0, 0.5]) == 0.5  # 0.5 * 1.39 > 0.3
+    assert finetune.choose_logit_adjustment(logits, labels, log_prior, [0.0]) == 0.0
+    easy = np.array([[2.0, 0.0], [0.0, 2.0]])
+    assert finetune.choose_logit_adjustment(easy, np.array([0, 1]), log_prior, [1.0, 0.25, 0.5]) == 0.25  # ties
+
+
+def test_finetune_logit_adjustment_shifts_the_saved_classifier_bias(finetune_data, tmp_path, monkeypatch):
+    def run(name: str, *extra: str) -> tuple[dict, torch.Tensor]:
+        output = tmp_path / name
+        results = finetune.main(finetune_args(finetune_data, output, "--architecture", "scbert2-tiny", "--max_steps",
+                                              "2", "--no_baseline", *extra))
+        return results, AutoModelForSequenceClassification.from_pretrained(output / "model").classifier.bias.detach()
+
+    plain, plain_bias = run("plain")
+    monkeypatch.setattr(finetune, "choose_logit_adjustment", lambda *args: 1.0)
+    adjusted, adjusted_bias = run("adjusted", "--logit_adjustment", "validation")
+    assert "logit_adjustment_tau" not in plain["model"] and adjusted["model"]["logit_adjustment_tau"] == 1.0
+    import anndata as ad
+
+    names = sorted(FINETUNE_CLASSES)
+    labels = ad.read_h5ad(finetune_data).obs["cell_type1"].map(names.index).to_numpy()
+    split = finetune.split_cells(labels, names, finetune.parse_args(finetune_args(finetune_data, tmp_path / "x")))
+    train_counts = np.bincount(labels[split["train"]], minlength=len(names))
+    expected = torch.as_tensor(np.log(train_counts / train_counts.sum()), dtype=torch.float32)
+    torch.testing.assert_close(adjusted_bias - plain_bias, expected)
+
+    for bad, message in ((("--architecture", "scbert-small"), "applies to scBERT 2.0"),
+                         (("--logit_adjustment_grid", "-1", "0"), "values >= 0")):
+        with pytest.raises(ValueError, match=message):
+            finetune.main(finetune_args(finetune_data, tmp_path / "bad", "--architecture", "scbert2-tiny",
+                                        "--max_steps", "1", "--no_baseline", "--logit_adjustment", "validation", *bad))

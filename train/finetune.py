@@ -74,6 +74,12 @@ def build_parser() -> argparse.ArgumentParser:
                              "better): cross-entropy averaged per class, then over classes; weighs classes like "
                              "macro-F1 but does not jump by one cell's worth when a rare class has one validation cell")
     parser.add_argument("--patience", type=int, default=6, help="epochs without validation improvement")
+    parser.add_argument("--logit_adjustment", choices=["none", "validation"], default="none",
+                        help="scBERT 2.0, validation: after training, add tau * log(training class frequency) to the "
+                             "classifier's bias, tau from --logit_adjustment_grid picked on the validation macro-F1; "
+                             "class-balanced training scores every class as equally common, tau = 1 restores the "
+                             "training cells' frequencies")
+    parser.add_argument("--logit_adjustment_grid", type=float, nargs="+", default=[0.0, 0.25, 0.5, 1.0])
     parser.add_argument("--baseline_C", type=float, nargs="+", default=[0.01, 0.1, 1.0],
                         help="inverse L1 strengths tried for the baseline (picked on the validation cells)")
     parser.add_argument("--no_baseline", action="store_true")
@@ -144,6 +150,14 @@ def logistic_regression_baseline(features, labels: np.ndarray, names: list[str],
             "seconds": time.perf_counter() - start}
 
 
+def choose_logit_adjustment(logits: np.ndarray, labels: np.ndarray, log_prior: np.ndarray,
+                            grid: list[float]) -> float:
+    """The tau of ``grid`` whose ``logits + tau * log_prior`` score the best macro-F1 (the smallest tau on ties)."""
+    taus = sorted(grid)
+    scores = [classification_metrics(labels, (logits + tau * log_prior).argmax(-1))["macro_f1"] for tau in taus]
+    return taus[int(np.argmax(scores))]
+
+
 def weighted_cross_entropy(weights: torch.Tensor, aux_loss_coef: float):
     """Class-weighted cross-entropy plus the MoE load-balancing loss the model would have added itself."""
     def loss_fn(outputs, labels: torch.Tensor) -> torch.Tensor:
@@ -189,6 +203,10 @@ def main(argv=None) -> dict:
         if model.config.model_type != "scbert2":
             raise ValueError("--freeze_gene_embeddings applies to scBERT 2.0 (its gene table); scBERT v1 has none.")
         model.get_input_embeddings().weight.requires_grad_(False)
+    if args.logit_adjustment != "none" and model.config.model_type != "scbert2":
+        raise ValueError("--logit_adjustment applies to scBERT 2.0 (its linear classifier); scBERT v1 has its own head.")
+    if min(args.logit_adjustment_grid) < 0:
+        raise ValueError(f"--logit_adjustment_grid takes values >= 0 (0: no adjustment), got {args.logit_adjustment_grid}.")
 
     train_labels = labels[split["train"]]
     counts = np.bincount(train_labels, minlength=len(names)).astype(np.float64)
@@ -215,18 +233,28 @@ def main(argv=None) -> dict:
                         metric_for_best=args.metric_for_best, greater_is_better=args.metric_for_best == "macro_f1",
                         patience=args.patience, on_new_best=keep_best, loss_fn=loss_fn,
                         sample_weights=sample_weights)
-    best = AutoModelForSequenceClassification.from_pretrained(output)
-    logits, y = predict(accelerator, accelerator.prepare(best), dataset.select(split["test"]), collate,
-                        args.per_device_batch_size)
+    best = accelerator.prepare(AutoModelForSequenceClassification.from_pretrained(output))
+    tau = None
+    if args.logit_adjustment == "validation":
+        log_prior = np.log(np.maximum(counts, 1) / counts.sum())
+        validation_logits, validation_labels = predict(accelerator, best, dataset.select(split["validation"]), collate,
+                                                       args.per_device_batch_size)
+        tau = choose_logit_adjustment(validation_logits, validation_labels, log_prior, args.logit_adjustment_grid)
+        classifier = accelerator.unwrap_model(best).classifier
+        with torch.no_grad():
+            classifier.bias += torch.as_tensor(tau * log_prior, dtype=classifier.bias.dtype)
+        save_model_folder(best, tokenizer, output, accelerator)
+    logits, y = predict(accelerator, best, dataset.select(split["test"]), collate, args.per_device_batch_size)
     results = {
         "data": str(args.data),
         "label_key": args.label_key,
-        "model_type": best.config.model_type,
+        "model_type": accelerator.unwrap_model(best).config.model_type,
         "pretrained_from": args.model,
         "split": {k: int(len(v)) for k, v in split.items()} | ({"kfold": args.kfold, "fold": args.fold} if args.kfold else {}),
         "num_classes": len(names),
         "model": {**classification_metrics(y, logits.argmax(-1), names), "train_seconds": result.seconds,
-                  "steps": result.step, f"best_validation_{args.metric_for_best}": result.best_metric},
+                  "steps": result.step, f"best_validation_{args.metric_for_best}": result.best_metric}
+                 | ({"logit_adjustment_tau": tau} if tau is not None else {}),
     }
     if not args.no_baseline and accelerator.is_main_process:
         features = tokenizer.encode_matrix(adata, gene_key=args.gene_key)
