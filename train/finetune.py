@@ -248,7 +248,7 @@ def main(argv=None) -> dict:
     results = {
         "data": str(args.data),
         "label_key": args.label_key,
-        "model_type": accelerator.unwrap_model(best).config.model_type,
+        "model_type": model.config.model_type,
         "pretrained_from": args.model,
         "split": {k: int(len(v)) for k, v in split.items()} | ({"kfold": args.kfold, "fold": args.fold} if args.kfold else {}),
         "num_classes": len(names),
