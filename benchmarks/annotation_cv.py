@@ -2,6 +2,11 @@
 
     python benchmarks/annotation_cv.py                                   # Baron mouse pancreas, 5 folds
     python benchmarks/annotation_cv.py --data other.h5ad --label_key cell_type --pretrained runs/pt/model
+    python benchmarks/annotation_cv.py --data pbmc68k_reduced             # scanpy's Zheng68K subset, another tissue
+
+`--data pbmc68k_reduced` writes scanpy's bundled 700 PBMCs (10x, human, 10 FACS-sorted `bulk_labels`) with their
+log-normalised `.raw` values (765 genes) to an .h5ad under --output_dir first: .X of that object is z-scored, which
+the tokenizer rejects.
 
 Every fold runs train/finetune.py (its own process) with `--kfold K --fold i`, so the model and the baseline see the
 same train/validation/test cells. Writes benchmarks/results/annotation/annotation_cv_<name>.json and .md (a folder
@@ -22,12 +27,14 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 BARON = ROOT.parent / "shared" / "data" / "celltype" / "baron_mouse_pancreas.h5ad"
+BUNDLED_LABEL_KEYS = {"pbmc68k_reduced": "bulk_labels"}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default=str(BARON))
-    parser.add_argument("--label_key", default="cell_type1")
+    parser.add_argument("--label_key", default=None,
+                        help="obs column of the cell types (default: cell_type1, or bulk_labels for pbmc68k_reduced)")
     parser.add_argument("--name", default=None, help="results file suffix (default: the data file's stem)")
     parser.add_argument("--kfold", type=int, default=5)
     parser.add_argument("--pretrained", default=None, help="a pretrained folder to fine-tune; default: from scratch")
@@ -42,6 +49,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     name = args.name or Path(args.data).stem
+    if args.data in BUNDLED_LABEL_KEYS:
+        args.label_key = args.label_key or BUNDLED_LABEL_KEYS[args.data]
+        args.data = str(write_bundled_dataset(args.data, Path(args.output_dir)))
+    args.label_key = args.label_key or "cell_type1"
     extra = [a for a in args.finetune_args if a != "--"]
     source = ["--model", args.pretrained] if args.pretrained else ["--architecture", args.architecture]
     folds = []
@@ -77,6 +88,21 @@ def main(argv=None) -> dict:
     (results_dir / f"annotation_cv_{name}.md").write_text(table)
     print(table)
     return summary
+
+
+def write_bundled_dataset(name: str, output_dir: Path) -> Path:
+    """Write scanpy's pbmc68k_reduced with its log-normalised values as .X, once."""
+    import anndata
+    import scanpy as sc
+
+    path = output_dir / f"{name}.h5ad"
+    if not path.exists():
+        bundled = sc.datasets.pbmc68k_reduced()
+        adata = anndata.AnnData(X=bundled.raw.X.copy(), obs=bundled.obs[[BUNDLED_LABEL_KEYS[name]]].copy(),
+                                var=bundled.raw.var[[]].copy())
+        path.parent.mkdir(parents=True, exist_ok=True)
+        adata.write_h5ad(path)
+    return path
 
 
 def class_counts(path: str, label_key: str) -> dict[str, int]:

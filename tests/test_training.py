@@ -947,7 +947,7 @@ def test_finetune_keeps_the_best_epoch_and_stops_after_patience(finetune_data, t
     monkeypatch.setattr(finetune, "save_model_folder", save)
     results = finetune.main(finetune_args(finetune_data, tmp_path / "run", "--architecture", "scbert2-tiny",
                                           "--num_epochs", "8", "--patience", "2", "--no_baseline",
-                                          "--metric_for_best", metric))
+                                          "--metric_for_best", metric, "--logit_adjustment", "none"))
     assert saved == kept and results["model"][f"best_validation_{metric}"] == kept[-1]
     assert emitted == scripted[:6]  # two epochs after the last improvement (epoch 3), training stopped
 
@@ -963,16 +963,18 @@ def test_logit_adjustment_is_picked_on_validation_macro_f1():
     assert finetune.choose_logit_adjustment(easy, np.array([0, 1]), log_prior, [1.0, 0.25, 0.5]) == 0.25  # ties
 
 
-def test_finetune_logit_adjustment_shifts_the_saved_classifier_bias(finetune_data, tmp_path, monkeypatch):
+@pytest.mark.parametrize("architecture", ["scbert2-tiny", "scbert-small"])
+def test_finetune_logit_adjustment_shifts_the_saved_logits_bias(finetune_data, tmp_path, monkeypatch, architecture):
     def run(name: str, *extra: str) -> tuple[dict, torch.Tensor]:
         output = tmp_path / name
-        results = finetune.main(finetune_args(finetune_data, output, "--architecture", "scbert2-tiny", "--max_steps",
+        results = finetune.main(finetune_args(finetune_data, output, "--architecture", architecture, "--max_steps",
                                               "2", "--no_baseline", *extra))
-        return results, AutoModelForSequenceClassification.from_pretrained(output / "model").classifier.bias.detach()
+        model = AutoModelForSequenceClassification.from_pretrained(output / "model")
+        return results, finetune.logits_layer(model).bias.detach()
 
-    plain, plain_bias = run("plain")
+    plain, plain_bias = run("plain", "--logit_adjustment", "none")
     monkeypatch.setattr(finetune, "choose_logit_adjustment", lambda *args: 1.0)
-    adjusted, adjusted_bias = run("adjusted", "--logit_adjustment", "validation")
+    adjusted, adjusted_bias = run("adjusted")  # the default
     assert "logit_adjustment_tau" not in plain["model"] and adjusted["model"]["logit_adjustment_tau"] == 1.0
     import anndata as ad
 
@@ -983,8 +985,8 @@ def test_finetune_logit_adjustment_shifts_the_saved_classifier_bias(finetune_dat
     expected = torch.as_tensor(np.log(train_counts / train_counts.sum()), dtype=torch.float32)
     torch.testing.assert_close(adjusted_bias - plain_bias, expected)
 
-    for bad, message in ((("--architecture", "scbert-small"), "applies to scBERT 2.0"),
-                         (("--logit_adjustment_grid", "-1", "0"), "values >= 0")):
-        with pytest.raises(ValueError, match=message):
-            finetune.main(finetune_args(finetune_data, tmp_path / "bad", "--architecture", "scbert2-tiny",
-                                        "--max_steps", "1", "--no_baseline", "--logit_adjustment", "validation", *bad))
+
+def test_finetune_rejects_a_negative_logit_adjustment(finetune_data, tmp_path):
+    with pytest.raises(ValueError, match="values >= 0"):
+        finetune.main(finetune_args(finetune_data, tmp_path / "bad", "--architecture", "scbert2-tiny", "--max_steps",
+                                    "1", "--no_baseline", "--logit_adjustment_grid", "-1", "0"))

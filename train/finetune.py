@@ -74,11 +74,11 @@ def build_parser() -> argparse.ArgumentParser:
                              "better): cross-entropy averaged per class, then over classes; weighs classes like "
                              "macro-F1 but does not jump by one cell's worth when a rare class has one validation cell")
     parser.add_argument("--patience", type=int, default=6, help="epochs without validation improvement")
-    parser.add_argument("--logit_adjustment", choices=["none", "validation"], default="none",
-                        help="scBERT 2.0, validation: after training, add tau * log(training class frequency) to the "
-                             "classifier's bias, tau from --logit_adjustment_grid picked on the validation macro-F1; "
-                             "class-balanced training scores every class as equally common, tau = 1 restores the "
-                             "training cells' frequencies")
+    parser.add_argument("--logit_adjustment", choices=["none", "validation"], default="validation",
+                        help="validation: after training, add tau * log(training class frequency) to the bias of "
+                             "the layer that outputs the logits, tau from --logit_adjustment_grid picked on the "
+                             "validation macro-F1 (0 is in the grid: no adjustment); class-balanced training scores "
+                             "every class as equally common, tau = 1 restores the training cells' frequencies")
     parser.add_argument("--logit_adjustment_grid", type=float, nargs="+", default=[0.0, 0.25, 0.5, 1.0])
     parser.add_argument("--baseline_C", type=float, nargs="+", default=[0.01, 0.1, 1.0],
                         help="inverse L1 strengths tried for the baseline (picked on the validation cells)")
@@ -158,6 +158,13 @@ def choose_logit_adjustment(logits: np.ndarray, labels: np.ndarray, log_prior: n
     return taus[int(np.argmax(scores))]
 
 
+def logits_layer(model) -> torch.nn.Linear:
+    """The linear layer whose output is the class logits: scBERT 2.0's classifier, the last layer of scBERT v1's."""
+    if model.config.model_type == "scbert2":
+        return model.classifier
+    return model.classifier.fc3 if model.config.classifier_type == "conv" else model.classifier.out_proj
+
+
 def weighted_cross_entropy(weights: torch.Tensor, aux_loss_coef: float):
     """Class-weighted cross-entropy plus the MoE load-balancing loss the model would have added itself."""
     def loss_fn(outputs, labels: torch.Tensor) -> torch.Tensor:
@@ -203,8 +210,6 @@ def main(argv=None) -> dict:
         if model.config.model_type != "scbert2":
             raise ValueError("--freeze_gene_embeddings applies to scBERT 2.0 (its gene table); scBERT v1 has none.")
         model.get_input_embeddings().weight.requires_grad_(False)
-    if args.logit_adjustment != "none" and model.config.model_type != "scbert2":
-        raise ValueError("--logit_adjustment applies to scBERT 2.0 (its linear classifier); scBERT v1 has its own head.")
     if min(args.logit_adjustment_grid) < 0:
         raise ValueError(f"--logit_adjustment_grid takes values >= 0 (0: no adjustment), got {args.logit_adjustment_grid}.")
 
@@ -240,9 +245,9 @@ def main(argv=None) -> dict:
         validation_logits, validation_labels = predict(accelerator, best, dataset.select(split["validation"]), collate,
                                                        args.per_device_batch_size)
         tau = choose_logit_adjustment(validation_logits, validation_labels, log_prior, args.logit_adjustment_grid)
-        classifier = accelerator.unwrap_model(best).classifier
+        bias = logits_layer(accelerator.unwrap_model(best)).bias
         with torch.no_grad():
-            classifier.bias += torch.as_tensor(tau * log_prior, dtype=classifier.bias.dtype)
+            bias += torch.as_tensor(tau * log_prior, dtype=bias.dtype)
         save_model_folder(best, tokenizer, output, accelerator)
     logits, y = predict(accelerator, best, dataset.select(split["test"]), collate, args.per_device_batch_size)
     results = {
