@@ -117,24 +117,29 @@ def _extra_warmup(model, runner, settings: Settings) -> int:
     return settings.warmup + 1 if runner is not model else max(settings.warmup - 1, 0)
 
 
-def _inference(model, runner, spec: ModelSpec, cells: Cells, settings: Settings, batch_size: int) -> dict:
-    """Batch 1 runs `spec.single_cells` cells one after the other (cost depends on each cell's length, so one cell
-    would not be representative); larger batches are one batch. Each timed call covers all of them."""
+def inference_batches(spec: ModelSpec, cells: Cells, batch_size: int) -> list[dict[str, torch.Tensor]]:
+    """Batch 1 is `spec.single_cells` cells one after the other (cost depends on each cell's length, so one cell
+    would not be representative); larger batches are one batch."""
     if batch_size == 1:
         rows = cells.sample_rows(spec.single_cells)
-        batches = [_to_device(spec.input_fn(cells, rows[i:i + 1]), spec) for i in range(len(rows))]
-    else:
-        batches = [_to_device(spec.input_fn(cells, cells.sample_rows(batch_size)), spec)]
+        return [_to_device(spec.input_fn(cells, rows[i:i + 1]), spec) for i in range(len(rows))]
+    return [_to_device(spec.input_fn(cells, cells.sample_rows(batch_size)), spec)]
+
+
+def inference_step(module, batches: list[dict[str, torch.Tensor]]):
+    """One timed call: the forward pass over every batch."""
+    def step():
+        with torch.inference_mode():
+            for inputs in batches:
+                module(**inputs)
+    return step
+
+
+def _inference(model, runner, spec: ModelSpec, cells: Cells, settings: Settings, batch_size: int) -> dict:
+    batches = inference_batches(spec, cells, batch_size)
     model.eval()
-
-    def step_of(module):
-        def step():
-            with torch.inference_mode():
-                for inputs in batches:
-                    module(**inputs)
-        return step
-
-    raw = _measure_quietly(step_of(runner), step_of(model), spec, settings, _extra_warmup(model, runner, settings))
+    raw = _measure_quietly(inference_step(runner, batches), inference_step(model, batches), spec, settings,
+                           _extra_warmup(model, runner, settings))
     return _summarise(raw, "inference", batch_size, batches)
 
 
