@@ -49,10 +49,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     name = args.name or Path(args.data).stem
+    args.label_key = args.label_key or BUNDLED_LABEL_KEYS.get(args.data, "cell_type1")
     if args.data in BUNDLED_LABEL_KEYS:
-        args.label_key = args.label_key or BUNDLED_LABEL_KEYS[args.data]
         args.data = str(write_bundled_dataset(args.data, Path(args.output_dir)))
-    args.label_key = args.label_key or "cell_type1"
     extra = [a for a in args.finetune_args if a != "--"]
     source = ["--model", args.pretrained] if args.pretrained else ["--architecture", args.architecture]
     folds = []

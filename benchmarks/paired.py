@@ -25,7 +25,7 @@ sys.path[0] = str(REPO)  # as in run.py: the package imports need the repository
 import torch  # noqa: E402
 
 from benchmarks.data import Cells  # noqa: E402
-from benchmarks.harness import inference_batches, inference_step  # noqa: E402
+from benchmarks.harness import Settings, inference_batches, inference_step  # noqa: E402
 from benchmarks.measure import machine_info, other_cpu_share, synchronizer, timed, wait_for_idle  # noqa: E402
 from benchmarks.models import SPECS  # noqa: E402
 from benchmarks.report import TARGETS  # noqa: E402
@@ -76,7 +76,7 @@ def run(args: argparse.Namespace) -> dict:
         steps[name], num_cells[name] = batch1_step(SPECS[name], cells)
         for _ in range(args.warmup):
             steps[name]()
-    waited = wait_for_idle(0.05, timeout_s=args.idle_timeout)
+    waited = wait_for_idle(Settings().max_other_cpu_share, timeout_s=args.idle_timeout)
     seconds = {name: [] for name in names}
     with other_cpu_share() as cpu:
         for round_index in range(args.rounds):
