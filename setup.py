@@ -14,12 +14,12 @@ setup(
     package_data={"tokenization": ["gene_tables/*.csv.gz", "gene_tables/README.md"]},
     install_requires=[
         "torch>=2.4",
-        "transformers>=5.0,<6",
+        # 5.4 made PreTrainedConfig a dataclass, which the configs' `@strict` fields and validators build on.
+        "transformers>=5.4,<6",
         "accelerate>=1.0",
         "datasets>=3.0",
         "safetensors>=0.4",
         "huggingface_hub>=1.0",
-        "evaluate>=0.4",
         "anndata>=0.10",
         "scanpy>=1.10",
         "scikit-learn>=1.3",
@@ -30,9 +30,9 @@ setup(
     extras_require={
         "flash": ["flash-attn>=2.6"],
         "gpu": ["bitsandbytes>=0.43"],
-        "demo": ["gradio>=5"],
         # performer-pytorch 1.0.6 (the code scBERT vendors) is installed with --no-deps by .ci/setup_env: its
         # declared pytorch-fast-transformers dependency does not build. These are the pieces it really imports.
-        "dev": ["pytest>=8", "hypothesis>=6", "einops>=0.7", "axial-positional-embedding>=0.2", "local-attention==1.4.4"],
+        "dev": ["pytest>=8", "einops>=0.7", "axial-positional-embedding>=0.2", "local-attention==1.4.4"],
     },
+    entry_points={"console_scripts": ["scbert = train.cli:main"]},
 )

@@ -1,11 +1,30 @@
 """Configuration of the original scBERT (Yang et al., 2022): a Performer encoder over a fixed gene panel."""
 
-from transformers import PretrainedConfig
+from typing import Any, Literal
 
-CLASSIFIER_TYPES = ("conv", "pooled")
+from huggingface_hub.dataclasses import strict
+from transformers import PreTrainedConfig
+
+from .configuration_common import (
+    check_logit_adjustment,
+    positive_int,
+    positive_int_or_none,
+    dropout_probability,
+    positive_finite,
+    non_negative_finite,
+    class_frequencies,
+)
+
+# Named architectures (scBERT 2.0 has its own in configuration_scbert2.py). `scbert` is the published model, i.e. the
+# defaults; `scbert-small` keeps its structure at a size that trains in minutes.
+PRESETS: dict[str, dict[str, Any]] = {
+    "scbert": {},
+    "scbert-small": {"dim": 64, "depth": 2, "heads": 4, "dim_head": 16, "nb_features": 64},
+}
 
 
-class ScBertConfig(PretrainedConfig):
+@strict
+class ScBertConfig(PreTrainedConfig):
     r"""
     Configuration for [`ScBertModel`] and its heads. The defaults are the published scBERT (panglao_pretrain.pth).
 
@@ -53,8 +72,23 @@ class ScBertConfig(PretrainedConfig):
             Output width of the conv head's fc2 (`h_dim`; finetune.py builds `Identity(h_dim=128)`).
         classifier_dropout (`float`, defaults to 0.0):
             Dropout inside the classification head.
-        mask_token_id (`int`, defaults to 6):
+        mask_token_id (`int` or `None`, defaults to 6):
             Token used for masked (and padded) genes in pretraining.
+        class_prior (`list[float]`, *optional*):
+            The training class frequencies, one per label in `id2label` order (counts work as well: only their
+            ratios matter). Required when `logit_adjustment_tau > 0`.
+        logit_adjustment_tau (`float`, defaults to 0.0):
+            Logit adjustment (Menon et al., 2021): the classification head adds
+            `logit_adjustment_tau * log(class_prior)` to its logits, so a saved folder predicts the adjusted way
+            with no extra code. 0 leaves the logits unchanged; 1 is the balanced-error optimal shift.
+
+    Example:
+
+    ```python
+    >>> config = ScBertConfig.from_preset("scbert-small", max_seq_len=2001, num_labels=3)
+    >>> config.hidden_size, config.num_hidden_layers, config.num_labels
+    (64, 2, 3)
+    ```
     """
 
     model_type = "scbert"
@@ -67,84 +101,47 @@ class ScBertConfig(PretrainedConfig):
         "max_position_embeddings": "max_seq_len",
     }
 
-    def __init__(
-        self,
-        num_tokens=7,
-        dim=200,
-        depth=6,
-        heads=10,
-        dim_head=64,
-        max_seq_len=16907,
-        nb_features=266,
-        feature_redraw_interval=1000,
-        ff_mult=4,
-        qkv_bias=False,
-        use_gene2vec=True,
-        layer_norm_eps=1e-5,
-        emb_dropout=0.0,
-        attn_dropout=0.0,
-        ff_dropout=0.0,
-        initializer_range=0.02,
-        classifier_type="conv",
-        classifier_fc1_size=512,
-        classifier_fc2_size=128,
-        classifier_dropout=0.0,
-        mask_token_id=6,
-        **kwargs,
-    ):
-        sizes = {
-            "num_tokens": num_tokens, "dim": dim, "depth": depth, "heads": heads, "dim_head": dim_head,
-            "max_seq_len": max_seq_len, "nb_features": nb_features, "ff_mult": ff_mult,
-            "classifier_fc1_size": classifier_fc1_size, "classifier_fc2_size": classifier_fc2_size,
-        }
-        for name, value in sizes.items():
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}.")
-        if feature_redraw_interval is not None and (
-            isinstance(feature_redraw_interval, bool)
-            or not isinstance(feature_redraw_interval, int)
-            or feature_redraw_interval <= 0
-        ):
+    num_tokens: int = positive_int(default=7)
+    dim: int = positive_int(default=200)
+    depth: int = positive_int(default=6)
+    heads: int = positive_int(default=10)
+    dim_head: int = positive_int(default=64)
+    max_seq_len: int = positive_int(default=16907)
+    nb_features: int = positive_int(default=266)
+    feature_redraw_interval: int | None = positive_int_or_none(default=1000)
+    ff_mult: int = positive_int(default=4)
+    qkv_bias: bool = False
+    use_gene2vec: bool = True
+    layer_norm_eps: float | int = positive_finite(default=1e-5)
+    emb_dropout: float | int = dropout_probability(default=0.0)
+    attn_dropout: float | int = dropout_probability(default=0.0)
+    ff_dropout: float | int = dropout_probability(default=0.0)
+    initializer_range: float | int = non_negative_finite(default=0.02)
+    classifier_type: Literal["conv", "pooled"] = "conv"
+    classifier_fc1_size: int = positive_int(default=512)
+    classifier_fc2_size: int = positive_int(default=128)
+    classifier_dropout: float | int = dropout_probability(default=0.0)
+    mask_token_id: int | None = 6
+    class_prior: list[float | int] | None = class_frequencies(default=None)
+    logit_adjustment_tau: float | int = non_negative_finite(default=0.0)
+
+    def validate_token_ids(self):
+        """Part of `@strict`-powered validation: the mask token must be a token of the vocabulary."""
+        if self.mask_token_id is not None and not 0 <= self.mask_token_id < self.num_tokens:
             raise ValueError(
-                f"feature_redraw_interval must be a positive integer or None, got {feature_redraw_interval!r}."
+                f"`mask_token_id` must be in [0, num_tokens={self.num_tokens}), got {self.mask_token_id}."
             )
-        for name, value in {
-            "emb_dropout": emb_dropout, "attn_dropout": attn_dropout,
-            "ff_dropout": ff_dropout, "classifier_dropout": classifier_dropout,
-        }.items():
-            if not 0.0 <= value < 1.0:
-                raise ValueError(f"{name} must be in [0, 1), got {value!r}.")
-        if layer_norm_eps <= 0:
-            raise ValueError(f"layer_norm_eps must be positive, got {layer_norm_eps!r}.")
-        if initializer_range < 0:
-            raise ValueError(f"initializer_range must be non-negative, got {initializer_range!r}.")
-        if classifier_type not in CLASSIFIER_TYPES:
-            raise ValueError(f"classifier_type must be one of {CLASSIFIER_TYPES}, got {classifier_type!r}.")
-        if mask_token_id is not None and not 0 <= mask_token_id < num_tokens:
-            raise ValueError(f"mask_token_id must be in [0, num_tokens={num_tokens}), got {mask_token_id!r}.")
 
-        self.num_tokens = num_tokens
-        self.dim = dim
-        self.depth = depth
-        self.heads = heads
-        self.dim_head = dim_head
-        self.max_seq_len = max_seq_len
-        self.nb_features = nb_features
-        self.feature_redraw_interval = feature_redraw_interval
-        self.ff_mult = ff_mult
-        self.qkv_bias = qkv_bias
-        self.use_gene2vec = use_gene2vec
-        self.layer_norm_eps = layer_norm_eps
-        self.emb_dropout = emb_dropout
-        self.attn_dropout = attn_dropout
-        self.ff_dropout = ff_dropout
-        self.initializer_range = initializer_range
-        self.classifier_type = classifier_type
-        self.classifier_fc1_size = classifier_fc1_size
-        self.classifier_fc2_size = classifier_fc2_size
-        self.classifier_dropout = classifier_dropout
-        self.mask_token_id = mask_token_id
-        super().__init__(**kwargs)
+    def validate_logit_adjustment(self):
+        """Part of `@strict`-powered validation: the adjustment needs a prior, with one frequency per label."""
+        check_logit_adjustment(self)
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> "ScBertConfig":
+        """A configuration from one of `PRESETS` (`scbert`, `scbert-small`), with overrides."""
+        if name not in PRESETS:
+            raise ValueError(f"Unknown scBERT preset {name!r}; expected one of {sorted(PRESETS)}.")
+        return cls(**{**PRESETS[name], **overrides})
 
 
-__all__ = ["ScBertConfig"]
+__all__ = ["PRESETS", "ScBertConfig"]

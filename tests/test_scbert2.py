@@ -4,7 +4,8 @@ import importlib.util
 
 import pytest
 import torch
-from transformers import AutoModel, AutoModelForMaskedLM, AutoModelForSequenceClassification
+from huggingface_hub.errors import StrictDataclassError
+from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, AutoModelForSequenceClassification
 
 from modeling_scbert.configuration_scbert2 import PRESETS, ScBert2Config
 from modeling_scbert.modeling_scbert2 import (
@@ -515,37 +516,73 @@ def test_loads_as_hub_remote_code_without_the_package(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------- config
+# `@strict` names the field (or, for a check across fields, the validator) before the reason.
 @pytest.mark.parametrize(
     "overrides, match",
     [
         ({"hidden_size": 30, "num_attention_heads": 4}, "divisible by `num_attention_heads`"),
         ({"num_attention_heads": 4, "num_key_value_heads": 3}, "divisible by `num_key_value_heads`"),
-        ({"hidden_size": 0}, "`hidden_size` must be a positive integer"),
-        ({"num_hidden_layers": -1}, "`num_hidden_layers` must be a positive integer"),
-        ({"head_dim": 0}, "`head_dim` must be a positive integer"),
-        ({"moe_intermediate_size": 0}, "`moe_intermediate_size` must be a positive integer"),
-        ({"attention_dropout": 1.0}, r"`attention_dropout` is a probability and must be in \[0, 1\)"),
-        ({"hidden_dropout": -0.1}, "`hidden_dropout` is a probability"),
-        ({"classifier_dropout": 1.5}, "`classifier_dropout` is a probability"),
-        ({"rms_norm_eps": 0.0}, "`rms_norm_eps` must be > 0"),
-        ({"initializer_range": -1.0}, "`initializer_range` must be > 0"),
-        ({"router_aux_loss_coef": -0.1}, "`router_aux_loss_coef` must be >= 0"),
-        ({"value_loss_weight": -1.0}, "`value_loss_weight` must be >= 0"),
-        ({"value_embedding_type": "linear"}, "`value_embedding_type` must be one of"),
-        ({"pooling": "max"}, "`pooling` must be one of"),
+        ({"hidden_size": 0}, r"field 'hidden_size':\s+ValueError: Value must be a positive integer, got 0"),
+        ({"num_hidden_layers": -1}, r"field 'num_hidden_layers':\s+ValueError: Value must be a positive integer"),
+        ({"num_attention_heads": 0}, r"field 'num_attention_heads':\s+ValueError: Value must be a positive integer"),
+        ({"vocab_size": 60.0}, r"field 'vocab_size':\s+TypeError: Field 'vocab_size' expected int, got float"),
+        ({"head_dim": 0}, r"field 'head_dim':\s+ValueError: Value must be a positive integer or None"),
+        ({"moe_intermediate_size": 0}, r"field 'moe_intermediate_size':\s+ValueError: .*positive integer or None"),
+        ({"attention_dropout": 1.0}, r"field 'attention_dropout':\s+ValueError: .*dropout probability .*\[0, 1\)"),
+        ({"hidden_dropout": -0.1}, r"field 'hidden_dropout':\s+ValueError: .*dropout probability"),
+        ({"classifier_dropout": 1.5}, r"field 'classifier_dropout':\s+ValueError: .*dropout probability"),
+        ({"rms_norm_eps": 0.0}, r"field 'rms_norm_eps':\s+ValueError: Value must be a finite number > 0"),
+        ({"initializer_range": -1.0}, r"field 'initializer_range':\s+ValueError: Value must be a finite number > 0"),
+        ({"router_aux_loss_coef": -0.1}, r"field 'router_aux_loss_coef':\s+ValueError: .*>= 0"),
+        ({"value_loss_weight": -1.0}, r"field 'value_loss_weight':\s+ValueError: .*>= 0"),
+        ({"value_embedding_type": "linear"}, r"field 'value_embedding_type':\s+TypeError: .*expected one of"),
+        ({"pooling": "max"}, r"field 'pooling':\s+TypeError: .*expected one of \('cls', 'mean', 'mean_max'\)"),
         ({"mask_token_id": 0}, "special token ids must be distinct"),
         ({"cls_token_id": VOCAB}, r"`cls_token_id` must be in \[0, vocab_size"),
-        ({"num_local_experts": -1}, "`num_local_experts` must be >= 0"),
+        ({"num_local_experts": -1}, r"field 'num_local_experts':\s+ValueError: .*>= 0"),
         ({"num_local_experts": 4, "num_experts_per_tok": 5}, r"top-k\) must be in \[1, num_local_experts=4\]"),
         ({"num_local_experts": 4, "num_experts_per_tok": 0}, r"`num_experts_per_tok` \(top-k\)"),
         ({"num_local_experts": 4, "moe_layers": [0, 2]}, r"must be layer indices in \[0, num_hidden_layers=2\)"),
         ({"num_local_experts": 4, "moe_layers": [1, 1]}, "must not repeat a layer"),
         ({"num_local_experts": 0, "moe_layers": [0]}, "needs `num_local_experts > 1`"),
+        ({"logit_adjustment_tau": -1.0}, r"field 'logit_adjustment_tau':\s+ValueError: .*finite number >= 0"),
+        ({"logit_adjustment_tau": float("nan")}, r"field 'logit_adjustment_tau':\s+ValueError: .*>= 0, got nan"),
+        ({"logit_adjustment_tau": 0.5}, r"`logit_adjustment_tau=0.5` needs `class_prior`"),
+        ({"class_prior": [0.5, -0.5]}, r"field 'class_prior':\s+ValueError: .*finite numbers > 0"),
+        ({"class_prior": [0.5, float("inf")]}, r"field 'class_prior':\s+ValueError: .*finite numbers > 0"),
+        ({"class_prior": [True, False]}, r"field 'class_prior':\s+TypeError"),
+        ({"class_prior": [0.2, 0.8], "num_labels": 4}, r"one frequency per label \(num_labels=4\), got 2"),
     ],
 )
 def test_config_validation(overrides, match):
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(StrictDataclassError, match=match):
         make_config(**overrides)
+
+
+def test_config_round_trips_through_save_pretrained(tmp_path):
+    labels = {0: "alpha", 1: "beta", 2: "delta"}
+    config = make_config(id2label=labels, class_prior=[0.6, 0.3, 0.1], logit_adjustment_tau=1, pooling="mean_max")
+    assert (config.num_labels, config.class_prior, config.logit_adjustment_tau) == (3, [0.6, 0.3, 0.1], 1)
+    assert (make_config().class_prior, make_config().logit_adjustment_tau) == (None, 0.0)
+    config.save_pretrained(tmp_path)
+    loaded = AutoConfig.from_pretrained(tmp_path)
+    assert type(loaded) is ScBert2Config and loaded.to_diff_dict() == config.to_diff_dict()
+    assert (loaded.id2label, loaded.class_prior, loaded.logit_adjustment_tau) == (labels, [0.6, 0.3, 0.1], 1)
+    assert (loaded.head_dim, loaded.pooling) == (8, "mean_max")
+
+
+def test_config_logit_adjustment_on_a_masked_regression_folder(tmp_path):
+    make_config().save_pretrained(tmp_path)  # class_prior None, the default two labels
+    labels = {i: f"type {i}" for i in range(4)}
+    config = ScBert2Config.from_pretrained(tmp_path, num_labels=4, id2label=labels)
+    assert config.num_labels == 4 and config.id2label == labels and config.class_prior is None
+    config.class_prior, config.logit_adjustment_tau = [4, 3, 2, 1], 0.5
+    config.validate()
+    with pytest.raises(StrictDataclassError, match=r"field 'logit_adjustment_tau'"):
+        config.logit_adjustment_tau = -0.5  # one field: checked on assignment
+    config.class_prior = [0.5, 0.5]
+    with pytest.raises(StrictDataclassError, match=r"num_labels=4\), got 2"):
+        config.save_pretrained(tmp_path / "mismatched")  # across fields: checked by validate(), on save
 
 
 def test_config_defaults_and_presets():

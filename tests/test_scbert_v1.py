@@ -8,14 +8,17 @@ forward (`emb(arange(seq_len))`), so replacing that embedding by a frozen float6
 reproduces scBERT's gene2vec module exactly.
 """
 
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
+from huggingface_hub.errors import StrictDataclassError
 from torch import nn
 from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, AutoModelForSequenceClassification
 
 import modeling_scbert  # noqa: F401  (registers the Auto classes)
-from modeling_scbert.configuration_scbert import ScBertConfig
+from modeling_scbert.configuration_scbert import PRESETS, ScBertConfig
 from modeling_scbert.convert_scbert_original_checkpoint import convert_checkpoint, main
 from modeling_scbert.modeling_scbert import ScBertForMaskedLM, ScBertForSequenceClassification, ScBertModel
 
@@ -422,18 +425,110 @@ def test_config_defaults_are_the_published_scbert():
     assert config.model_type == "scbert" and config.classifier_type == "conv"
 
 
+# `@strict` names the field (or, for a check across fields, the validator) before the reason.
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({"dim": 0}, "dim must be a positive integer, got 0"),
-        ({"heads": -2}, "heads must be a positive integer"),
-        ({"max_seq_len": 3.5}, "max_seq_len must be a positive integer"),
-        ({"feature_redraw_interval": 0}, "feature_redraw_interval must be a positive integer or None"),
-        ({"attn_dropout": 1.5}, r"attn_dropout must be in \[0, 1\)"),
-        ({"classifier_type": "cls"}, "classifier_type must be one of"),
-        ({"mask_token_id": 7}, r"mask_token_id must be in \[0, num_tokens=7\)"),
+        ({"dim": 0}, r"field 'dim':\s+ValueError: Value must be a positive integer, got 0"),
+        ({"heads": -2}, r"field 'heads':\s+ValueError: Value must be a positive integer"),
+        ({"dim": True}, r"field 'dim':\s+TypeError: Field 'dim' expected int, got bool"),
+        ({"max_seq_len": 3.5}, r"field 'max_seq_len':\s+TypeError: Field 'max_seq_len' expected int, got float"),
+        ({"feature_redraw_interval": 0}, r"field 'feature_redraw_interval':\s+ValueError: .*positive integer or None"),
+        ({"attn_dropout": 1.5}, r"field 'attn_dropout':\s+ValueError: .*must be in \[0, 1\), got 1.5"),
+        ({"layer_norm_eps": 0.0}, r"field 'layer_norm_eps':\s+ValueError: Value must be a finite number > 0"),
+        ({"initializer_range": -0.1}, r"field 'initializer_range':\s+ValueError: Value must be a finite number >= 0"),
+        ({"classifier_type": "cls"}, r"field 'classifier_type':\s+TypeError: .*expected one of \('conv', 'pooled'\)"),
+        ({"mask_token_id": 7}, r"validate_token_ids':\s+ValueError: `mask_token_id` must be in \[0, num_tokens=7\)"),
     ],
 )
 def test_config_rejects_invalid_arguments(kwargs, message):
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(StrictDataclassError, match=message):
         ScBertConfig(**kwargs)
+
+
+def test_config_validates_assignment():
+    config = ScBertConfig()
+    with pytest.raises(StrictDataclassError, match=r"field 'ff_dropout':\s+ValueError: .*in \[0, 1\)"):
+        config.ff_dropout = 1.0
+    config.mask_token_id = 9  # a check across fields runs on validate(), which save_pretrained calls
+    with pytest.raises(StrictDataclassError, match="`mask_token_id` must be in"):
+        config.validate()
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"logit_adjustment_tau": -0.5}, r"field 'logit_adjustment_tau':\s+ValueError: .*finite number >= 0"),
+        ({"logit_adjustment_tau": float("inf")}, r"field 'logit_adjustment_tau':\s+ValueError: .*>= 0, got inf"),
+        ({"logit_adjustment_tau": 1.0}, r"`logit_adjustment_tau=1.0` needs `class_prior`"),
+        ({"class_prior": [0.7, 0.0]}, r"field 'class_prior':\s+ValueError: .*finite numbers > 0, got \[0.7, 0.0\]"),
+        ({"class_prior": [0.7, float("nan")]}, r"field 'class_prior':\s+ValueError: .*finite numbers > 0"),
+        ({"class_prior": []}, r"field 'class_prior':\s+ValueError: .*non-empty list"),
+        ({"class_prior": ["a", "b"]}, r"field 'class_prior':\s+TypeError"),
+        ({"class_prior": [0.2, 0.3, 0.5]}, r"`class_prior` must have one frequency per label \(num_labels=2\), got 3"),
+        ({"class_prior": [0.5, 0.5], "num_labels": 3}, r"one frequency per label \(num_labels=3\), got 2"),
+    ],
+)
+def test_config_rejects_invalid_logit_adjustment(kwargs, message):
+    with pytest.raises(StrictDataclassError, match=message):
+        ScBertConfig(**kwargs)
+
+
+def test_config_logit_adjustment_fields():
+    config = ScBertConfig(num_labels=3, class_prior=[10, 30, 60], logit_adjustment_tau=1)  # counts work too
+    assert (config.class_prior, config.logit_adjustment_tau) == ([10, 30, 60], 1)
+    assert (ScBertConfig().class_prior, ScBertConfig().logit_adjustment_tau) == (None, 0.0)
+    # A prior without adjustment is allowed (recorded, not applied).
+    assert ScBertConfig(id2label={0: "a", 1: "b"}, class_prior=[0.1, 0.9]).logit_adjustment_tau == 0.0
+
+
+def test_config_round_trips_through_save_pretrained(tmp_path):
+    config = ScBertConfig.from_preset(
+        "scbert-small", max_seq_len=NUM_GENES + 1, classifier_type="pooled", feature_redraw_interval=None,
+        id2label={0: "alpha", 1: "beta", 2: "delta"}, class_prior=[0.5, 0.3, 0.2], logit_adjustment_tau=0.5,
+    )
+    config.save_pretrained(tmp_path)
+    loaded = AutoConfig.from_pretrained(tmp_path)
+    assert type(loaded) is ScBertConfig
+    assert loaded.to_diff_dict() == config.to_diff_dict()
+    assert loaded.id2label == {0: "alpha", 1: "beta", 2: "delta"} and loaded.class_prior == [0.5, 0.3, 0.2]
+    assert (loaded.hidden_size, loaded.logit_adjustment_tau, loaded.feature_redraw_interval) == (64, 0.5, None)
+
+
+def test_config_loads_a_folder_written_before_logit_adjustment(tmp_path):
+    """A config.json of the pre-dataclass ScBertConfig (no class_prior / tau) gives the same values."""
+    saved = {
+        "model_type": "scbert", "num_tokens": 7, "dim": 32, "depth": 2, "heads": 4, "dim_head": 16, "max_seq_len": 201,
+        "nb_features": 44, "feature_redraw_interval": None, "ff_mult": 4, "qkv_bias": False, "use_gene2vec": True,
+        "layer_norm_eps": 1e-05, "emb_dropout": 0.1, "attn_dropout": 0.0, "ff_dropout": 0.0, "initializer_range": 0.02,
+        "classifier_type": "pooled", "classifier_fc1_size": 512, "classifier_fc2_size": 128, "classifier_dropout": 0.0,
+        "mask_token_id": None, "id2label": {str(i): f"LABEL_{i}" for i in range(5)},
+        "label2id": {f"LABEL_{i}": i for i in range(5)}, "transformers_version": "5.24.0",
+    }
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    config = AutoConfig.from_pretrained(tmp_path)
+    for key, value in saved.items():
+        if key not in ("id2label", "transformers_version"):
+            assert getattr(config, key) == value, key
+    assert config.num_labels == 5 and config.class_prior is None and config.logit_adjustment_tau == 0.0
+
+
+def test_config_from_pretrained_sets_labels_on_a_masked_lm_folder(tmp_path):
+    small_model().save_pretrained(tmp_path)  # class_prior None, the default two labels
+    labels = {0: "alpha", 1: "beta", 2: "delta", 3: "gamma"}
+    config = AutoModelForSequenceClassification.from_pretrained(tmp_path, num_labels=4, id2label=labels).config
+    assert config.num_labels == 4 and config.id2label == labels and config.class_prior is None
+    adjusted = AutoConfig.from_pretrained(tmp_path, num_labels=4, class_prior=[4, 3, 2, 1], logit_adjustment_tau=1.0)
+    assert adjusted.num_labels == 4 and adjusted.class_prior == [4, 3, 2, 1]
+    adjusted.validate()
+
+
+def test_config_presets():
+    assert set(PRESETS) == {"scbert", "scbert-small"}
+    assert ScBertConfig.from_preset("scbert").to_dict() == ScBertConfig().to_dict()  # the published defaults
+    small = ScBertConfig.from_preset("scbert-small", max_seq_len=NUM_GENES + 1, num_labels=3)
+    assert (small.dim, small.depth, small.heads, small.dim_head, small.nb_features) == (64, 2, 4, 16, 64)
+    assert (small.max_seq_len, small.num_labels, small.num_tokens) == (NUM_GENES + 1, 3, 7)
+    assert ScBertConfig.from_preset("scbert-small", dim=96).dim == 96  # overrides win over the preset
+    with pytest.raises(ValueError, match=r"Unknown scBERT preset 'scbert-huge'; expected one of \['scbert', 'scbert-"):
+        ScBertConfig.from_preset("scbert-huge")
