@@ -27,7 +27,8 @@ for _config, (_base, _masked, _classifier) in _AUTO_CLASSES.items():
     AutoModel.register(_config, _base, exist_ok=True)
     AutoModelForMaskedLM.register(_config, _masked, exist_ok=True)
     AutoModelForSequenceClassification.register(_config, _classifier, exist_ok=True)
-    # save_pretrained then writes the auto_map that lets AutoModel load the folder's own source files as remote code.
+    # save_pretrained then copies the source files into the folder and writes config.json's auto_map (every Auto
+    # class, whichever head is saved: see the *PreTrainedModel classes), so the folder loads as remote code.
     _config.register_for_auto_class()
     _base.register_for_auto_class("AutoModel")
     _masked.register_for_auto_class("AutoModelForMaskedLM")

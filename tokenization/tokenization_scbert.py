@@ -6,12 +6,15 @@ holds raw counts, and turned into the sparse form "expressed vocabulary genes + 
 
 - ``"scbert"`` (v1): one token per vocabulary gene in fixed order plus scBERT's trailing extra token; the token is the
   expression bin ``min(floor(log2(1 + normalised)), num_bins)``; gene identity is the position.
-- ``"scbert2"``: only the expressed genes (optionally a sampled share of zeros, truncated to the most expressed
-  ``max_length``), as gene ids, continuous values, bin ids and an attention mask, padded to the batch's longest cell
-  (or, with ``packed=True``, concatenated into one unpadded row with per-cell boundaries for flash attention).
+- ``"scbert2"``: only the expressed genes (truncated to the most expressed ``max_length``), as gene ids, continuous
+  values, bin ids and an attention mask, padded to the batch's longest cell (or, with ``packed=True``, concatenated
+  into one unpadded row with per-cell boundaries for flash attention).
+
+The tokenizer is deterministic: the same cells always give the same inputs. Augmentation (sampling unexpressed genes,
+gene dropout) belongs to the training collators.
 
 This file imports only numpy/scipy/anndata/transformers (datasets lazily) so that it can be copied into a model folder
-and loaded as Hub remote code.
+and loaded as Hub remote code; `save_pretrained` copies the gene tables next to it for the same reason.
 """
 
 from __future__ import annotations
@@ -38,7 +41,16 @@ VOCAB_FILE = "vocab.json"
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
 MODES = ("scbert", "scbert2")
 SPECIAL_TOKENS = ("<pad>", "<mask>", "<cls>")
-GENE_TABLE_DIR = Path(__file__).resolve().parent / "gene_tables"
+GENE_TABLE_SUBFOLDER = "gene_tables"
+ENSEMBL_TABLE = "gencode_v44_ensembl_to_symbol.csv.gz"
+ORTHOLOG_TABLE = "orthologs_1v1_human_mouse.csv.gz"
+# Files that travel with a saved tokenizer: the tables and their provenance.
+GENE_TABLE_FILES = (ENSEMBL_TABLE, ORTHOLOG_TABLE, "README.md")
+# The package's copy. Under remote code this file runs from the HF modules cache, which has no tables: there the
+# folder's own copy is used (see `from_pretrained`).
+GENE_TABLE_DIR = Path(__file__).resolve().parent / GENE_TABLE_SUBFOLDER
+# How an input gene found its vocabulary gene, in order of trust (duplicates keep the most trusted match).
+BY_SYMBOL, BY_ENSEMBL, BY_ENSEMBL_ORTHOLOG, BY_ORTHOLOG = 1, 2, 3, 4
 ENSEMBL_PATTERN = re.compile(r"^(ENS[A-Z]*G\d{11})(\.\d+)?$", re.IGNORECASE)
 # Values above this cannot be log-normalised expression (log2(1 + 1e4) ~ 13.3), so they are taken as unlogged.
 MAX_LOG_VALUE = 30.0
@@ -51,6 +63,7 @@ class GeneMatchReport:
     num_input_genes: int
     vocab_size: int
     matched_by_symbol: int = 0
+    # Through the GENCODE symbol, directly or through its one-to-one ortholog (human ids on a mouse vocabulary).
     matched_by_ensembl: int = 0
     matched_by_ortholog: int = 0
     unmatched: int = 0
@@ -82,17 +95,36 @@ class GeneMatchReport:
         return "\n".join(lines)
 
 
-def _read_gene_table(name: str) -> list[tuple[str, str]]:
-    path = GENE_TABLE_DIR / name
-    if not path.exists():
-        raise FileNotFoundError(
-            f"Gene table {path} is missing: matching by Ensembl id or ortholog needs the installed scbert-hf package "
-            "(pip install scbert-hf); matching by symbol works without it."
-        )
+def _read_gene_table(path: str | os.PathLike) -> list[tuple[str, str]]:
     with gzip.open(path, "rt", newline="") as handle:
         reader = csv.reader(handle)
         next(reader)
         return [(row[0], row[1]) for row in reader]
+
+
+def _ensembl_ids_of(names: Sequence[str]) -> list[str]:
+    """The Ensembl ids among the first names, when they are most of them (else [])."""
+    sample = [str(n) for n in names[:200]]
+    ensembl = [n for n in sample if ENSEMBL_PATTERN.match(n)]
+    return ensembl if len(ensembl) > len(sample) / 2 else []
+
+
+def _ensembl_species(ensembl_id: str) -> str:
+    stable_id = ensembl_id.upper()
+    if stable_id.startswith("ENSMUSG"):
+        return "mouse"
+    # "ENSG0", not "ENSG": chicken ids (ENSGALG...) start with ENSG too.
+    return "human" if stable_id.startswith("ENSG0") else "other species'"
+
+
+def _warn_about_legacy_augmentation(settings: dict[str, Any]) -> None:
+    """Older tokenizers sampled unexpressed genes themselves; their saved `zero_fraction` no longer applies."""
+    zero_fraction = settings.get("zero_fraction") or 0.0
+    if zero_fraction > 0:
+        logger.warning(
+            f"zero_fraction={zero_fraction} (a setting of older tokenizers) is ignored: the tokenizer is deterministic "
+            "and sampling unexpressed genes for augmentation is done by the training collator."
+        )
 
 
 def describe_gene_ids(names: Sequence[str]) -> str:
@@ -102,10 +134,9 @@ def describe_gene_ids(names: Sequence[str]) -> str:
         return "no gene names"
     if all(n.isdigit() for n in sample):
         return "numbers (Entrez ids or a default integer index?)"
-    ensembl = [n for n in sample if ENSEMBL_PATTERN.match(n)]
-    if len(ensembl) > len(sample) / 2:
-        species = "mouse" if ensembl[0].upper().startswith("ENSMUSG") else "human" if ensembl[0].upper().startswith("ENSG") else "other species'"
-        return f"{species} Ensembl ids (e.g. {ensembl[0]})"
+    ensembl = _ensembl_ids_of(sample)
+    if ensembl:
+        return f"{_ensembl_species(ensembl[0])} Ensembl ids (e.g. {ensembl[0]})"
     return f"symbols (e.g. {', '.join(sample[:3])})"
 
 
@@ -118,17 +149,19 @@ class GeneExpressionTokenizer(PushToHubMixin):
         num_bins: expression bins 1..num_bins (0 means not expressed); scBERT uses 5.
         max_length: scBERT 2.0 only: keep at most this many tokens per cell (CLS included), the most expressed genes.
         add_cls_token: scBERT 2.0 only: put a CLS token first.
-        zero_fraction: scBERT 2.0 only: add this share (of the expressed count) of randomly drawn unexpressed genes.
         min_overlap: refuse inputs that cover less than this fraction of the vocabulary.
         target_sum: counts are scaled to this total per cell before log2(1 + x).
         input_log_base: base of the logarithm of inputs that are already log-normalised (scanpy's log1p: e).
-        seed: seed for the zero sampling.
         selected_genes: scBERT 2.0 only: vocabulary genes a cell's tokens are drawn from (e.g. the highly variable
             genes of the fine-tuning data), so the length budget goes to informative genes rather than to the most
             expressed housekeeping ones. A cell expressing none of them keeps its most expressed genes.
+
+    The gene tables used to match Ensembl ids and orthologs are the package's copy, or those saved in the folder
+    the tokenizer was loaded from.
     """
 
     model_input_names = ["input_ids", "values", "bin_ids", "attention_mask"]
+    _auto_class: str | None = None
 
     def __init__(
         self,
@@ -137,11 +170,9 @@ class GeneExpressionTokenizer(PushToHubMixin):
         num_bins: int = 5,
         max_length: int | None = 2048,
         add_cls_token: bool = True,
-        zero_fraction: float = 0.0,
         min_overlap: float = 0.5,
         target_sum: float = 1e4,
         input_log_base: float = math.e,
-        seed: int = 0,
         selected_genes: Sequence[str] | None = None,
         **unused_kwargs: Any,
     ):
@@ -161,8 +192,6 @@ class GeneExpressionTokenizer(PushToHubMixin):
             raise ValueError(f"num_bins must be >= 1, got {num_bins}.")
         if max_length is not None and max_length < 2:
             raise ValueError(f"max_length must be >= 2 or None, got {max_length}.")
-        if not 0.0 <= zero_fraction <= 10.0:
-            raise ValueError(f"zero_fraction must be in [0, 10], got {zero_fraction}.")
         if not 0.0 <= min_overlap <= 1.0:
             raise ValueError(f"min_overlap must be in [0, 1], got {min_overlap}.")
         self.genes = genes
@@ -170,16 +199,15 @@ class GeneExpressionTokenizer(PushToHubMixin):
         self.num_bins = num_bins
         self.max_length = max_length
         self.add_cls_token = add_cls_token
-        self.zero_fraction = zero_fraction
         self.min_overlap = min_overlap
         self.target_sum = target_sum
         self.input_log_base = input_log_base
-        self.seed = seed
         self.name_or_path = ""
-        self._rng = np.random.default_rng(seed)
+        self._gene_table_files = {name: GENE_TABLE_DIR / name for name in GENE_TABLE_FILES}
         self._index_by_key = {key: i for i, key in enumerate(keys)}
         self.last_report: GeneMatchReport | None = None
         self.selected_genes = selected_genes
+        _warn_about_legacy_augmentation(unused_kwargs)
 
     @property
     def selected_genes(self) -> list[str] | None:
@@ -199,6 +227,12 @@ class GeneExpressionTokenizer(PushToHubMixin):
                              f"{unknown[:5]} ({len(unknown)} of {len(genes)}).")
         ids = np.asarray([self._index_by_key[g.upper()] for g in genes], dtype=np.int64) + self.num_special_tokens
         self._selected_ids = np.unique(ids)
+        self._selected_ids.setflags(write=False)  # shared through `selected_token_ids`: change it via selected_genes
+
+    @property
+    def selected_token_ids(self) -> np.ndarray | None:
+        """Token ids of `selected_genes` (sorted, unique, read-only int64), or None when every gene may be drawn."""
+        return self._selected_ids
 
     # ----------------------------------------------------------------------------------------------- vocabulary
     @property
@@ -249,58 +283,97 @@ class GeneExpressionTokenizer(PushToHubMixin):
     def match_genes(self, gene_names: Sequence[str]) -> tuple[np.ndarray, GeneMatchReport]:
         """Vocabulary index (0-based gene position, -1 if absent) of each input gene, and the report.
 
-        Order of trust: the symbol itself (case-insensitive), then the Ensembl id (version suffix ignored), then the
-        one-to-one mouse-human ortholog of the symbol. Two inputs for one vocabulary gene keep the first, by that
-        order, and the others are reported.
+        Order of trust: the name itself (case-insensitive); for a human Ensembl id (version suffix ignored) its
+        GENCODE symbol, then that symbol's one-to-one ortholog (human ids on a mouse vocabulary), both counted as
+        matched by Ensembl id; for a symbol its one-to-one mouse-human ortholog. Two inputs for one vocabulary gene
+        keep the first, by that order, and the others are reported.
         """
         names = [str(g) for g in gene_names]
+        candidates, how = self._find_candidates(names)
         report = GeneMatchReport(num_input_genes=len(names), vocab_size=self.num_genes)
-        candidates = np.full(len(names), -1, dtype=np.int64)
-        how = np.zeros(len(names), dtype=np.int8)  # 1 symbol, 2 ensembl, 3 ortholog
-        for i, name in enumerate(names):
-            index = self._index_by_key.get(name.upper())
-            if index is not None:
-                candidates[i], how[i] = index, 1
-        unresolved = [i for i in range(len(names)) if candidates[i] < 0]
-        ensembl_unresolved = [i for i in unresolved if ENSEMBL_PATTERN.match(names[i])]
-        if ensembl_unresolved:
-            symbol_of = {e.upper(): s for e, s in _read_gene_table("gencode_v44_ensembl_to_symbol.csv.gz")}
-            for i in ensembl_unresolved:
-                stable_id = ENSEMBL_PATTERN.match(names[i]).group(1).upper()
-                index = self._index_by_key.get(symbol_of.get(stable_id, "").upper())
-                if index is not None:
-                    candidates[i], how[i] = index, 2
-        symbol_unresolved = [i for i in unresolved if candidates[i] < 0 and not ENSEMBL_PATTERN.match(names[i])]
-        if symbol_unresolved:
-            partner: dict[str, str] = {}
-            for human, mouse in _read_gene_table("orthologs_1v1_human_mouse.csv.gz"):
-                partner[human.upper()] = mouse.upper()
-                partner[mouse.upper()] = human.upper()
-            for i in symbol_unresolved:
-                index = self._index_by_key.get(partner.get(names[i].upper(), ""))
-                if index is not None:
-                    candidates[i], how[i] = index, 3
         vocab_index = np.full(len(names), -1, dtype=np.int64)
         taken = np.zeros(self.num_genes, dtype=bool)
-        for method in (1, 2, 3):
+        for method in (BY_SYMBOL, BY_ENSEMBL, BY_ENSEMBL_ORTHOLOG, BY_ORTHOLOG):
             for i in np.flatnonzero(how == method):
                 if taken[candidates[i]]:
                     report.duplicates_dropped.append(names[i])
                     continue
                 taken[candidates[i]] = True
                 vocab_index[i] = candidates[i]
-        report.matched_by_symbol = int(np.sum((how == 1) & (vocab_index >= 0)))
-        report.matched_by_ensembl = int(np.sum((how == 2) & (vocab_index >= 0)))
-        report.matched_by_ortholog = int(np.sum((how == 3) & (vocab_index >= 0)))
+        matched = vocab_index >= 0
+        report.matched_by_symbol = int(np.sum(matched & (how == BY_SYMBOL)))
+        report.matched_by_ensembl = int(np.sum(matched & np.isin(how, (BY_ENSEMBL, BY_ENSEMBL_ORTHOLOG))))
+        report.matched_by_ortholog = int(np.sum(matched & (how == BY_ORTHOLOG)))
         report.unmatched = int(np.sum(how == 0))
         if report.vocab_coverage < self.min_overlap:
-            raise ValueError(
-                f"Too few genes match the vocabulary: {report}\nAt least {self.min_overlap:.0%} of the vocabulary is "
-                f"required (min_overlap={self.min_overlap}). The input gene names look like "
-                f"{describe_gene_ids(names)}; the vocabulary holds {describe_gene_ids(self.genes)}. Pass gene symbols "
-                "or Ensembl ids (var_names, or gene_key='a var column'), or lower min_overlap if this is intended."
-            )
+            raise ValueError(self._low_overlap_message(names, report))
         return vocab_index, report
+
+    def _find_candidates(self, names: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Each input's candidate vocabulary index (-1: none) and how it was found (a BY_* code, 0: not found)."""
+        candidates = np.full(len(names), -1, dtype=np.int64)
+        how = np.zeros(len(names), dtype=np.int8)
+
+        def look_up(keys: dict[int, str], method: int) -> None:
+            for i, key in keys.items():
+                index = self._index_by_key.get(key)
+                if index is not None and candidates[i] < 0:
+                    candidates[i], how[i] = index, method
+
+        look_up({i: name.upper() for i, name in enumerate(names)}, BY_SYMBOL)
+        unresolved = [i for i in range(len(names)) if candidates[i] < 0]
+        ensembl_ids = {i: match.group(1).upper() for i in unresolved if (match := ENSEMBL_PATTERN.match(names[i]))}
+        human_symbols = {}
+        if ensembl_ids:
+            symbol_of = {e.upper(): s.upper() for e, s in self._gene_table(ENSEMBL_TABLE)}
+            human_symbols = {i: symbol_of[e] for i, e in ensembl_ids.items() if e in symbol_of}
+            look_up(human_symbols, BY_ENSEMBL)
+        symbols = {i: names[i].upper() for i in unresolved if i not in ensembl_ids}
+        if any(candidates[i] < 0 for i in [*human_symbols, *symbols]):
+            partner = self._ortholog_partners()
+            look_up({i: partner.get(s, "") for i, s in human_symbols.items()}, BY_ENSEMBL_ORTHOLOG)
+            look_up({i: partner.get(s, "") for i, s in symbols.items()}, BY_ORTHOLOG)
+        return candidates, how
+
+    def _ortholog_partners(self) -> dict[str, str]:
+        """Upper-case symbol -> its one-to-one ortholog in the other species (human <-> mouse)."""
+        partner: dict[str, str] = {}
+        for human, mouse in self._gene_table(ORTHOLOG_TABLE):
+            partner[human.upper()] = mouse.upper()
+            partner[mouse.upper()] = human.upper()
+        return partner
+
+    def _gene_table(self, name: str) -> list[tuple[str, str]]:
+        path = self._gene_table_files[name]
+        if not os.path.isfile(path):
+            raise FileNotFoundError(
+                f"Gene table {name} is missing (looked for {path}): matching by Ensembl id or ortholog needs it, "
+                f"matching by symbol does not. Load the tokenizer from a folder saved by a current version "
+                f"(save_pretrained copies the tables into {GENE_TABLE_SUBFOLDER}/) or with the scbert-hf package "
+                "installed."
+            )
+        return _read_gene_table(path)
+
+    def _low_overlap_message(self, names: list[str], report: GeneMatchReport) -> str:
+        ensembl = _ensembl_ids_of(names)
+        if ensembl and _ensembl_species(ensembl[0]) != "human":
+            fix = (
+                f"{_ensembl_species(ensembl[0]).capitalize()} Ensembl ids cannot be mapped with the shipped tables "
+                "(GENCODE v44 is human-only): pass gene symbols instead (adata.var_names, or gene_key='a var column "
+                "with symbols')."
+            )
+        else:
+            fix = "Pass gene symbols or human Ensembl ids (adata.var_names, or gene_key='a var column with them')."
+        # A threshold the input passes, for when the low overlap is intended.
+        passing = math.floor(report.vocab_coverage * 100) / 100
+        return (
+            f"Too few genes match the vocabulary: {report}\nAt least {self.min_overlap:.0%} of the vocabulary is "
+            f"required (min_overlap={self.min_overlap}). The input gene names look like {describe_gene_ids(names)}; "
+            f"the vocabulary holds {describe_gene_ids(self.genes)}. {fix} If the low overlap is intended, lower the "
+            f"threshold: min_overlap={passing} in Python (GeneExpressionTokenizer.from_pretrained(folder, "
+            f"min_overlap={passing}) or tokenizer.min_overlap = {passing}), or --min_overlap {passing} with the "
+            "training and annotation commands."
+        )
 
     # ----------------------------------------------------------------------------------------------- values
     @staticmethod
@@ -502,15 +575,6 @@ class GeneExpressionTokenizer(PushToHubMixin):
             selected = np.isin(ids, self._selected_ids, assume_unique=True)
             if selected.any():
                 ids, vals = ids[selected], vals[selected]
-        if self.zero_fraction > 0:
-            pool = self._selected_ids
-            if pool is None:
-                pool = np.arange(self.num_special_tokens, self.vocab_size)
-            unexpressed = np.setdiff1d(pool, ids, assume_unique=True)
-            n_zeros = min(int(round(self.zero_fraction * len(ids))), len(unexpressed))
-            zeros = self._rng.choice(unexpressed, size=n_zeros, replace=False)
-            ids = np.concatenate([ids, zeros])
-            vals = np.concatenate([vals, np.zeros(n_zeros, dtype=np.float32)])
         if budget is not None and len(ids) > budget:
             # The most expressed genes; a stable sort keeps ties in gene order, so truncation is deterministic.
             keep = np.sort(np.argsort(-vals, kind="stable")[:budget])
@@ -579,16 +643,27 @@ class GeneExpressionTokenizer(PushToHubMixin):
             "num_bins": self.num_bins,
             "max_length": self.max_length,
             "add_cls_token": self.add_cls_token,
-            "zero_fraction": self.zero_fraction,
             "min_overlap": self.min_overlap,
             "target_sum": self.target_sum,
             "input_log_base": self.input_log_base,
-            "seed": self.seed,
             "selected_genes": self.selected_genes,
         }
 
+    @classmethod
+    def register_for_auto_class(cls, auto_class: str | type = "AutoTokenizer") -> None:
+        """Registers the class with AutoTokenizer, as `PreTrainedTokenizerBase.register_for_auto_class` does.
+
+        AutoTokenizer calls this on remote-code tokenizer classes. `save_pretrained` always writes the AutoTokenizer
+        entry of ``auto_map``, so registering is only recorded here.
+        """
+        if not isinstance(auto_class, str):
+            auto_class = auto_class.__name__
+        if auto_class != "AutoTokenizer":
+            raise ValueError(f"{cls.__name__} can only be registered with AutoTokenizer, got {auto_class!r}.")
+        cls._auto_class = auto_class
+
     def save_pretrained(self, save_directory: str | os.PathLike, push_to_hub: bool = False, **kwargs: Any) -> tuple[str, ...]:
-        """Writes vocab.json, tokenizer_config.json and this file (for ``trust_remote_code`` loading).
+        """Writes vocab.json, tokenizer_config.json, this file and the gene tables (for ``trust_remote_code`` loading).
 
         ``push_to_hub=True`` then uploads the tokenizer to ``repo_id`` (default: the folder's name), as transformers
         tokenizers do; other keyword arguments (e.g. ``max_shard_size`` from ``push_to_hub``) do not apply here.
@@ -608,9 +683,24 @@ class GeneExpressionTokenizer(PushToHubMixin):
         with open(config_path, "w") as handle:
             json.dump(config, handle, indent=2)
         shutil.copyfile(__file__, os.path.join(save_directory, Path(__file__).name))
+        self._save_gene_tables(save_directory)
         if push_to_hub:
             self.push_to_hub(kwargs.get("repo_id", Path(save_directory).name), token=kwargs.get("token"))
         return vocab_path, config_path
+
+    def _save_gene_tables(self, save_directory: str | os.PathLike) -> None:
+        table_dir = os.path.join(save_directory, GENE_TABLE_SUBFOLDER)
+        os.makedirs(table_dir, exist_ok=True)
+        for name, source in self._gene_table_files.items():
+            target = os.path.join(table_dir, name)
+            if not os.path.isfile(source):
+                # e.g. re-saving, under remote code, a folder saved before the tables travelled with it.
+                logger.warning(
+                    f"{source} is missing, so the saved folder lacks it: loaded without this package, the folder's "
+                    "tokenizer then matches genes by symbol only."
+                )
+            elif not (os.path.exists(target) and os.path.samefile(source, target)):  # re-saved into its own folder
+                shutil.copyfile(source, target)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any) -> "GeneExpressionTokenizer":
@@ -633,7 +723,20 @@ class GeneExpressionTokenizer(PushToHubMixin):
         config.update(kwargs)
         tokenizer = cls(genes=tokens[len(SPECIAL_TOKENS):], **config)
         tokenizer.name_or_path = str(pretrained_model_name_or_path)
+        tokenizer._gene_table_files = cls._resolve_gene_tables(pretrained_model_name_or_path, hub_kwargs)
         return tokenizer
+
+    @staticmethod
+    def _resolve_gene_tables(pretrained_model_name_or_path: str | os.PathLike, hub_kwargs: dict[str, Any]) -> dict:
+        """The folder's (or Hub repository's) gene tables; the package's copy for those it lacks (older folders)."""
+        files = {}
+        for name in GENE_TABLE_FILES:
+            resolved = cached_file(
+                pretrained_model_name_or_path, name, subfolder=GENE_TABLE_SUBFOLDER,
+                _raise_exceptions_for_missing_entries=False, **hub_kwargs,
+            )
+            files[name] = Path(resolved) if resolved is not None else GENE_TABLE_DIR / name
+        return files
 
     def __repr__(self) -> str:
         return (
