@@ -8,9 +8,9 @@
 log-normalised `.raw` values (765 genes) to an .h5ad under --output_dir first: .X of that object is z-scored, which
 the tokenizer rejects.
 
-Every fold runs train/finetune.py (its own process) with `--kfold K --fold i`, so the model and the baseline see the
-same train/validation/test cells. Writes benchmarks/results/annotation/annotation_cv_<name>.json and .md (a folder
-of its own: run.py clears the JSON files of benchmarks/results).
+Every fold runs `python -m train.finetune` (its own process) with `--kfold K --fold i`, so the model and the
+baseline see the same train/validation/test cells. Writes benchmarks/results/annotation/annotation_cv_<name>.json
+and .md (a folder of its own: run.py clears the JSON files of benchmarks/results).
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--output_dir", default=str(ROOT / "outputs" / "annotation_cv"))
     parser.add_argument("--results_dir", default=str(ROOT / "benchmarks" / "results" / "annotation"))
     parser.add_argument("finetune_args", nargs=argparse.REMAINDER,
-                        help="after '--': extra train/finetune.py flags, e.g. -- --num_epochs 20 --max_length 512")
+                        help="after '--': extra train.finetune flags, e.g. -- --num_epochs 20 --max_length 512")
     return parser.parse_args(argv)
 
 
@@ -58,7 +58,7 @@ def main(argv=None) -> dict:
     start = time.perf_counter()
     for fold in range(args.kfold):
         out = Path(args.output_dir) / name / f"fold{fold}"
-        command = [sys.executable, str(ROOT / "train" / "finetune.py"), "--data", args.data, "--label_key",
+        command = [sys.executable, "-m", "train.finetune", "--data", args.data, "--label_key",
                    args.label_key, "--kfold", str(args.kfold), "--fold", str(fold), "--output_dir", str(out),
                    "--no_progress_bar", *source, *extra]
         print("$ " + " ".join(command), flush=True)

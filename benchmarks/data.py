@@ -17,7 +17,7 @@ import scipy.sparse as sp
 import torch
 
 from tokenization import GeneExpressionTokenizer
-from train import finetune
+from train.finetune import DEFAULTS as FINETUNE_DEFAULTS
 
 REPO = Path(__file__).resolve().parents[1]
 DATA_ENV = "SCBERT_BENCH_DATA"
@@ -29,9 +29,8 @@ GENEFORMER_VOCAB = 25426  # Geneformer's token dictionary (pad, mask and 25,424 
 GENEFORMER_SPECIAL_TOKENS = 2  # <pad> = 0, <mask> = 1
 # train/finetune.py's defaults, the setting of the cross-validated macro-F1: the most expressed of the highly
 # variable genes, up to a token budget.
-_FINETUNE_PARSER = finetune.build_parser()
-ANNOTATION_HIGHLY_VARIABLE_GENES = _FINETUNE_PARSER.get_default("highly_variable_genes")
-ANNOTATION_MAX_LENGTH = _FINETUNE_PARSER.get_default("max_length")
+ANNOTATION_HIGHLY_VARIABLE_GENES = FINETUNE_DEFAULTS["highly_variable_genes"]
+ANNOTATION_MAX_LENGTH = FINETUNE_DEFAULTS["max_length"]
 
 
 def data_path() -> Path:
@@ -75,7 +74,7 @@ class Cells:
     def annotation_tokenizer(self) -> GeneExpressionTokenizer:
         """The tokenizer a model fine-tuned with train/finetune.py's defaults saves: the union of scanpy's Seurat and
         Cell Ranger highly variable genes (here of all benchmark cells), at most ANNOTATION_MAX_LENGTH tokens per cell."""
-        from train.training import highly_variable_genes
+        from train.genes import highly_variable_genes
 
         genes = highly_variable_genes(self.encoded, self.scbert2_tokenizer, ANNOTATION_HIGHLY_VARIABLE_GENES)
         return GeneExpressionTokenizer.from_adata(self.adata, mode="scbert2", max_length=ANNOTATION_MAX_LENGTH,

@@ -179,10 +179,12 @@ def read_gene_list(path, max_seq_len: int) -> list[str]:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="scbert convert", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="Original scBERT .pth (e.g. panglao_pretrain.pth).")
     parser.add_argument("--output", required=True, help="Folder for the transformers model (safetensors).")
     parser.add_argument("--gene-list", help="Text file, one gene symbol per line in checkpoint order.")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     args = parser.parse_args(argv)
     model = convert_checkpoint(args.checkpoint, args.output, args.gene_list)
     print(f"Saved {type(model).__name__} ({model.num_parameters():,} parameters) to {args.output}")

@@ -20,6 +20,7 @@ from transformers import PreTrainedModel
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutput, MaskedLMOutput, SequenceClassifierOutput
 
+from .configuration_common import map_every_auto_class
 from .configuration_scbert import ScBertConfig
 
 # Added to every random feature (performer-pytorch's default) so the attention normaliser never reaches zero.
@@ -160,6 +161,11 @@ class ScBertPreTrainedModel(PreTrainedModel):
     main_input_name = "input_ids"
     supports_gradient_checkpointing = True
     _no_split_modules = ["ScBertLayer"]
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        if self._auto_class is not None:  # this file is copied into the folder as remote code
+            map_every_auto_class(self.config, __name__, ScBertModel, ScBertForMaskedLM, ScBertForSequenceClassification)
+        return super().save_pretrained(save_directory, *args, **kwargs)
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
@@ -368,6 +374,14 @@ class ScBertPooledClassificationHead(nn.Module):
         return self.out_proj(self.dropout(pooled))
 
 
+def adjust_logits(logits: torch.Tensor, config) -> torch.Tensor:
+    """Post-hoc logit adjustment (Menon et al. 2021): + tau * log(training class prior), as recorded in the config."""
+    if not config.logit_adjustment_tau:
+        return logits
+    log_prior = torch.tensor(config.class_prior, dtype=torch.float32, device=logits.device).log()
+    return logits + (config.logit_adjustment_tau * log_prior).to(logits.dtype)
+
+
 CLASSIFICATION_HEADS = {"conv": ScBertConvClassificationHead, "pooled": ScBertPooledClassificationHead}
 
 
@@ -399,7 +413,7 @@ class ScBertForSequenceClassification(ScBertPreTrainedModel):
         outputs = self.scbert(
             input_ids, attention_mask=attention_mask, output_hidden_states=output_hidden_states, return_dict=True
         )
-        logits = self.classifier(outputs.last_hidden_state, attention_mask)
+        logits = adjust_logits(self.classifier(outputs.last_hidden_state, attention_mask), self.config)
 
         loss = None
         if labels is not None:

@@ -40,6 +40,7 @@ from transformers.utils import ModelOutput
 from transformers.utils.generic import can_return_tuple
 from transformers.utils.output_capturing import capture_outputs
 
+from .configuration_common import map_every_auto_class
 from .configuration_scbert2 import ScBert2Config
 
 
@@ -310,6 +311,13 @@ class ScBert2PreTrainedModel(PreTrainedModel):
         "hidden_states": ScBert2EncoderLayer,
         "attentions": ScBert2Attention,
     }
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        if self._auto_class is not None:  # this file is copied into the folder as remote code
+            map_every_auto_class(
+                self.config, __name__, ScBert2Model, ScBert2ForMaskedRegression, ScBert2ForSequenceClassification
+            )
+        return super().save_pretrained(save_directory, *args, **kwargs)
 
     @torch.no_grad()
     def _init_weights(self, module):
@@ -612,6 +620,14 @@ class ScBert2SequenceClassifierOutput(SequenceClassifierOutput):
     router_logits: tuple[torch.FloatTensor, ...] | None = None
 
 
+def adjust_logits(logits: torch.Tensor, config) -> torch.Tensor:
+    """Post-hoc logit adjustment (Menon et al. 2021): + tau * log(training class prior), as recorded in the config."""
+    if not config.logit_adjustment_tau:
+        return logits
+    log_prior = torch.tensor(config.class_prior, dtype=torch.float32, device=logits.device).log()
+    return logits + (config.logit_adjustment_tau * log_prior).to(logits.dtype)
+
+
 class ScBert2ForSequenceClassification(ScBert2PreTrainedModel):
     """Cell-level classification or regression from the CLS token or the mean over the gene tokens."""
 
@@ -712,7 +728,7 @@ class ScBert2ForSequenceClassification(ScBert2PreTrainedModel):
             **kwargs,
         )
         pooled_output = self.pool(outputs.last_hidden_state, input_ids, attention_mask, cu_seq_lens)
-        logits = self.classifier(self.dropout(pooled_output))
+        logits = adjust_logits(self.classifier(self.dropout(pooled_output)), self.config)
 
         loss = None
         if labels is not None:

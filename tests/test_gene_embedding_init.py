@@ -1,4 +1,4 @@
-"""SVD gene-embedding initialisation of scBERT 2.0 from the training cells (train/training.py)."""
+"""SVD gene-embedding initialisation of scBERT 2.0 from the training cells (train/genes.py)."""
 
 import argparse
 
@@ -7,7 +7,7 @@ import torch
 
 import modeling_scbert
 from tokenization import GeneExpressionTokenizer
-from train.training import dataset_matrix, highly_variable_genes, initialise_gene_embeddings, svd_gene_embeddings
+from train.genes import dataset_matrix, highly_variable_genes, initialise_gene_embeddings, svd_gene_embeddings
 
 
 def test_dataset_matrix_rebuilds_the_selected_cells_exactly(baron_small):

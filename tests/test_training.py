@@ -27,18 +27,9 @@ from transformers import AutoConfig, AutoModelForMaskedLM, AutoModelForSequenceC
 import modeling_scbert
 from tokenization import GeneExpressionTokenizer
 from train import finetune, pretrain
-from train.training import (
-    EMA_FILE,
-    STATE_FILE,
-    ClassificationCollator,
-    LengthGroupedSampler,
-    MaskedExpressionCollator,
-    balanced_log_loss,
-    build_optimizer,
-    checkpoint_dirs,
-    classification_metrics,
-    resolve_checkpoint,
-)
+from train.data import ClassificationCollator, LengthGroupedSampler, MaskedExpressionCollator, pack_padded_batch
+from train.loop import EMA_FILE, STATE_FILE, build_optimizer, checkpoint_dirs, resolve_checkpoint
+from train.metrics import balanced_log_loss, classification_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = ROOT / "train" / "accelerate_configs"
@@ -225,7 +216,7 @@ def test_masking_does_not_depend_on_dataloader_workers(pretrain_data, tmp_path):
 @pytest.fixture(scope="module")
 def scbert2_tokenizer(cells):
     # No truncation, so cells keep their sampled zeros and differ in length (padding).
-    return GeneExpressionTokenizer.from_adata(cells, mode="scbert2", max_length=None, zero_fraction=0.1)
+    return GeneExpressionTokenizer.from_adata(cells, mode="scbert2", max_length=None)
 
 
 @pytest.fixture(scope="module")
@@ -239,7 +230,7 @@ def collate_all(collator, dataset, batch_size: int = 16) -> list[dict]:
 
 
 def test_scbert2_masking_hides_only_real_gene_values(scbert2_tokenizer, scbert2_dataset):
-    collator = MaskedExpressionCollator(scbert2_tokenizer, mask_probability=0.15, seed=3)
+    collator = MaskedExpressionCollator(scbert2_tokenizer, mask_probability=0.15, seed=3, zero_fraction=0.1)
     masked_total = candidate_total = masked_zeros = padding = 0
     for batch in collate_all(collator, scbert2_dataset):
         mask, real = batch["value_mask"], batch["attention_mask"].bool()
@@ -309,13 +300,15 @@ def test_scbert_v1_masks_nonzero_bins_with_the_mask_token(cells):
 
 def test_masks_are_a_function_of_seed_epoch_and_cells(scbert2_tokenizer, scbert2_dataset):
     rows = rows_with_index(scbert2_dataset, [5, 17, 42, 99])
-    collator = MaskedExpressionCollator(scbert2_tokenizer, seed=0)
+    collator = MaskedExpressionCollator(scbert2_tokenizer, seed=0, zero_fraction=0.1)
     first, again = collator(rows), collator(rows)
     for key in first:
         assert torch.equal(first[key], again[key]), key
     collator.set_epoch(1)
     assert not torch.equal(collator(rows)["value_mask"], first["value_mask"])
-    assert not torch.equal(MaskedExpressionCollator(scbert2_tokenizer, seed=1)(rows)["value_mask"], first["value_mask"])
+    other_seed = MaskedExpressionCollator(scbert2_tokenizer, seed=1, zero_fraction=0.1)(rows)
+    assert not torch.equal(other_seed["input_ids"], first["input_ids"])  # other sampled zeros
+    assert not torch.equal(other_seed["value_mask"], first["value_mask"])
     # Without row numbers (a collator used on its own) torch's global generator decides.
     plain = [{"gene_ids": r["gene_ids"], "values": r["values"]} for r in rows]
     torch.manual_seed(0)
@@ -417,7 +410,7 @@ def test_killed_pretraining_resumes_to_the_same_weights(pretrain_data, tmp_path)
                              "--checkpointing_steps", str(every), "--logging_steps", "5")
         args[args.index("--num_workers") + 1] = "1"  # the default: masks are built in a worker process
         args[args.index("--cache_dir") + 1] = str(output / "cache")  # concurrent runs: separate caches
-        return [sys.executable, str(ROOT / "train" / "pretrain.py"), *args]
+        return [sys.executable, "-m", "train.pretrain", *args]
 
     reference_dir, crashed_dir = tmp_path / "uninterrupted", tmp_path / "crashed"
     env = subprocess_env()
@@ -484,7 +477,7 @@ def test_killed_pretraining_resumes_to_the_same_weights(pretrain_data, tmp_path)
 
     # Resuming a finished run again trains no further.
     before = weights(crashed_dir / "model")
-    args = command(crashed_dir)[2:] + ["--resume_from_checkpoint", "latest"]
+    args = command(crashed_dir)[3:] + ["--resume_from_checkpoint", "latest"]
     pretrain.main(args)
     assert json.loads((crashed_dir / "pretrain_summary.json").read_text())["steps"] == max_steps
     assert step_records(crashed_dir)[-1]["step"] == max_steps
@@ -499,8 +492,9 @@ import torch
 from accelerate.utils import set_seed
 from transformers import AutoModelForMaskedLM
 from tokenization import GeneExpressionTokenizer
-from train.training import (MaskedExpressionCollator, add_training_arguments, architecture_config,
-                            load_tokenized_dataset, make_accelerator, read_h5ad, train_loop)
+from train.data import MaskedExpressionCollator, load_tokenized_dataset, make_loader, read_h5ad
+from train.loop import add_training_arguments, make_accelerator, train_loop
+from train.models import architecture_config
 
 
 class RecordingCollator(MaskedExpressionCollator):
@@ -522,7 +516,8 @@ model = AutoModelForMaskedLM.from_config(architecture_config("scbert2-tiny", tok
 with accelerator.main_process_first():
     dataset = load_tokenized_dataset([args.data], tokenizer, cache_dir=args.cache_dir)
 collator = RecordingCollator(tokenizer, seed=args.seed)
-result = train_loop(accelerator, model, dataset, collator, args)
+loader = make_loader(dataset, collator, args.per_device_batch_size, True, args.seed, args.num_workers)
+result = train_loop(accelerator, model, loader, args)
 unwrapped = accelerator.unwrap_model(model)
 checksum = torch.cat([torch.stack([p.detach().double().sum(), p.detach().double().square().sum()])
                       for p in unwrapped.parameters()])
@@ -644,11 +639,12 @@ def test_finetune_freezes_the_gene_table_and_balances_classes(finetune_data, tmp
     seen = {}
     real_train_loop = finetune.train_loop
 
-    def spy(accelerator, model, train_dataset, *args, sample_weights=None, loss_fn=None, **kwargs):
+    def spy(accelerator, model, train_loader, *args, compute_loss=None, **kwargs):
         before = {n: p.detach().clone() for n, p in model.named_parameters()}
-        seen.update(weights=sample_weights, labels=np.asarray(train_dataset["label"]), loss_fn=loss_fn)
-        result = real_train_loop(accelerator, model, train_dataset, *args, sample_weights=sample_weights,
-                                 loss_fn=loss_fn, **kwargs)
+        weights = train_loader.sampler.weights
+        seen.update(weights=None if weights is None else weights.numpy(),
+                    labels=np.asarray(train_loader.dataset.dataset["label"]), compute_loss=compute_loss)
+        result = real_train_loop(accelerator, model, train_loader, *args, compute_loss=compute_loss, **kwargs)
         seen["changed"] = {n for n, p in accelerator.unwrap_model(model).named_parameters()
                            if not torch.equal(p.detach(), before[n])}
         return result
@@ -660,12 +656,12 @@ def test_finetune_freezes_the_gene_table_and_balances_classes(finetune_data, tmp
     assert "classifier.weight" in seen["changed"] and len(seen["changed"]) > 10
     per_class = np.bincount(seen["labels"], weights=seen["weights"])
     assert np.allclose(per_class, 1.0)  # by default each class's cells share one unit of sampling weight
-    assert seen["loss_fn"] is None  # ...and the loss is not weighted a second time
+    assert seen["compute_loss"] is finetune.model_loss  # ...and the loss is not weighted a second time
 
     results = finetune.main(finetune_args(finetune_data, tmp_path / "weighted", "--architecture", "scbert2-tiny",
                                           "--max_steps", "1", "--no_baseline", "--class_sampling", "none",
                                           "--class_weighting", "balanced", "--metric_for_best", "balanced_log_loss"))
-    assert seen["weights"] is None and seen["loss_fn"] is not None
+    assert seen["weights"] is None and seen["compute_loss"] is not finetune.model_loss
     assert results["model"]["best_validation_balanced_log_loss"] > 0
 
     with pytest.raises(ValueError, match="freeze_gene_embeddings applies to scBERT 2.0"):
@@ -789,7 +785,7 @@ def test_mixed_precision_of_the_accelerate_config_reaches_the_scripts(pretrain_d
     """`accelerate launch` passes the config's mixed_precision in the environment; the flag only overrides it."""
     from accelerate.state import AcceleratorState, GradientState
 
-    from train.training import make_accelerator
+    from train.loop import make_accelerator
 
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
     args = pretrain.parse_args(["--data", str(pretrain_data), "--output_dir", str(tmp_path / "a")])
@@ -815,7 +811,7 @@ def _launch_args(config_file: Path):
     """What `accelerate launch --config_file FILE` makes of the file (its own validation included)."""
     from accelerate.commands.launch import _validate_launch_command, launch_command_parser
 
-    args = launch_command_parser().parse_args(["--config_file", str(config_file), "train/pretrain.py"])
+    args = launch_command_parser().parse_args(["--config_file", str(config_file), "-m", "train.pretrain"])
     validated = _validate_launch_command(args)
     return validated[0] if isinstance(validated, tuple) else validated
 
@@ -964,29 +960,191 @@ def test_logit_adjustment_is_picked_on_validation_macro_f1():
 
 
 @pytest.mark.parametrize("architecture", ["scbert2-tiny", "scbert-small"])
-def test_finetune_logit_adjustment_shifts_the_saved_logits_bias(finetune_data, tmp_path, monkeypatch, architecture):
-    def run(name: str, *extra: str) -> tuple[dict, torch.Tensor]:
+def test_finetune_logit_adjustment_lives_in_the_config_and_the_head(finetune_data, tmp_path, monkeypatch, architecture):
+    import anndata as ad
+
+    def run(name: str, *extra: str) -> tuple[dict, Path]:
         output = tmp_path / name
         results = finetune.main(finetune_args(finetune_data, output, "--architecture", architecture, "--max_steps",
                                               "2", "--no_baseline", *extra))
-        model = AutoModelForSequenceClassification.from_pretrained(output / "model")
-        return results, finetune.logits_layer(model).bias.detach()
+        return results, output / "model"
 
-    plain, plain_bias = run("plain", "--logit_adjustment", "none")
+    plain, plain_folder = run("plain", "--logit_adjustment", "none")
     monkeypatch.setattr(finetune, "choose_logit_adjustment", lambda *args: 1.0)
-    adjusted, adjusted_bias = run("adjusted")  # the default
+    adjusted, adjusted_folder = run("adjusted")  # the default
     assert "logit_adjustment_tau" not in plain["model"] and adjusted["model"]["logit_adjustment_tau"] == 1.0
-    import anndata as ad
 
     names = sorted(FINETUNE_CLASSES)
     labels = ad.read_h5ad(finetune_data).obs["cell_type1"].map(names.index).to_numpy()
     split = finetune.split_cells(labels, names, finetune.parse_args(finetune_args(finetune_data, tmp_path / "x")))
     train_counts = np.bincount(labels[split["train"]], minlength=len(names))
+    config = AutoConfig.from_pretrained(adjusted_folder)
+    assert config.logit_adjustment_tau == 1.0
+    np.testing.assert_allclose(config.class_prior, train_counts / train_counts.sum())
+    assert AutoConfig.from_pretrained(plain_folder).logit_adjustment_tau == 0.0
+
+    # Both runs trained the same weights; the adjusted head adds log(prior) to the plain head's logits.
+    tokenizer = GeneExpressionTokenizer.from_pretrained(adjusted_folder)
+    batch = tokenizer(ad.read_h5ad(finetune_data)[:8], return_tensors="pt")
+    with torch.no_grad():
+        logits = {name: AutoModelForSequenceClassification.from_pretrained(folder).eval()(**batch).logits
+                  for name, folder in (("plain", plain_folder), ("adjusted", adjusted_folder))}
     expected = torch.as_tensor(np.log(train_counts / train_counts.sum()), dtype=torch.float32)
-    torch.testing.assert_close(adjusted_bias - plain_bias, expected)
+    torch.testing.assert_close(logits["adjusted"] - logits["plain"], expected.expand_as(logits["plain"]))
 
 
 def test_finetune_rejects_a_negative_logit_adjustment(finetune_data, tmp_path):
     with pytest.raises(ValueError, match="values >= 0"):
         finetune.main(finetune_args(finetune_data, tmp_path / "bad", "--architecture", "scbert2-tiny", "--max_steps",
                                     "1", "--no_baseline", "--logit_adjustment_grid", "-1", "0"))
+
+
+# ------------------------------------------------------------------------------------------------- 7. packed batches
+@pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
+@pytest.mark.parametrize("task", ["classification", "masked_regression", "moe_classification"])
+def test_a_packed_and_a_padded_training_step_give_the_same_loss_and_gradients(cells, attn_implementation, task):
+    from train.loop import model_loss
+
+    tokenizer = GeneExpressionTokenizer.from_adata(cells, mode="scbert2", max_length=None)
+    dataset = tokenizer.to_dataset(cells)
+    rows = rows_with_index(dataset, range(24))  # cells of different lengths: the padded batch has padding
+    preset = "scbert2-moe" if task == "moe_classification" else "scbert2-tiny"
+    shape = {"hidden_size": 32, "intermediate_size": 64, "moe_intermediate_size": 32, "num_hidden_layers": 2}
+    config = modeling_scbert.ScBert2Config.from_preset(preset, vocab_size=tokenizer.vocab_size, classifier_dropout=0.0,
+                                                       num_labels=3, pooling="mean_max", **shape)
+    if task == "masked_regression":
+        def collator(packed):
+            return MaskedExpressionCollator(tokenizer, seed=0, zero_fraction=0.1, packed=packed)
+        model_class = modeling_scbert.ScBert2ForMaskedRegression
+    else:
+        rows = [{**row, "label": i % 3} for i, row in enumerate(rows)]
+
+        def collator(packed):
+            return ClassificationCollator(tokenizer, gene_dropout=0.3, seed=0, packed=packed)
+        model_class = modeling_scbert.ScBert2ForSequenceClassification
+    torch.manual_seed(0)
+    model = model_class(config).train()
+    model.set_attn_implementation(attn_implementation)
+
+    def step(packed: bool):
+        model.zero_grad()
+        batch = collator(packed)(rows)
+        loss, _ = model_loss(model, batch)
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}, batch
+
+    padded_loss, padded_grads, padded = step(False)
+    packed_loss, packed_grads, packed = step(True)
+    assert "attention_mask" in padded and (padded["attention_mask"] == 0).any()
+    assert "attention_mask" not in packed and packed["input_ids"].shape == (1, int(padded["attention_mask"].sum()))
+    torch.testing.assert_close(packed_loss, padded_loss, atol=1e-5, rtol=0)
+    assert len(packed_grads) > 5
+    # Only the padded batch uses the padding embedding, and padding must not influence the loss: its gradient is 0.
+    for name in padded_grads.keys() | packed_grads.keys():
+        padded_grad = padded_grads.get(name, torch.zeros_like(dict(model.named_parameters())[name]))
+        packed_grad = packed_grads.get(name, torch.zeros_like(padded_grad))
+        torch.testing.assert_close(packed_grad, padded_grad, atol=1e-5, rtol=0, msg=name)
+
+
+def test_pack_padded_batch_matches_the_tokenizers_packed_layout(cells):
+    tokenizer = GeneExpressionTokenizer.from_adata(cells, mode="scbert2", max_length=48)
+    rows = [{**row, "label": 1} for row in rows_with_index(tokenizer.to_dataset(cells), range(8))]
+    ours = pack_padded_batch(dict(tokenizer.collate(rows, return_tensors="pt")))
+    theirs = tokenizer.collate(rows, return_tensors="pt", packed=True)
+    assert ours.keys() == theirs.keys()
+    for key in ours:
+        assert (ours[key] == theirs[key]) if isinstance(ours[key], int) else torch.equal(ours[key], theirs[key]), key
+
+
+def test_pretraining_and_finetuning_run_on_packed_batches(pretrain_data, finetune_data, tmp_path):
+    output = tmp_path / "pretrain"
+    pretrain.main(pretrain_args(pretrain_data, output, "scbert2-tiny", "--max_steps", "2", "--logging_steps", "1",
+                                "--packed", "--attn_implementation", "eager"))
+    records = step_records(output)
+    assert [r["step"] for r in records] == [1, 2] and all(np.isfinite(r["loss"]) for r in records)
+    assert records[0]["cells_per_second"] > 0
+    results = finetune.main(finetune_args(finetune_data, tmp_path / "finetune", "--model", str(output / "model"),
+                                          "--num_epochs", "1", "--no_baseline", "--packed"))
+    assert 0.0 <= results["model"]["macro_f1"] <= 1.0 and results["split"]["test"] == 18
+    with pytest.raises(ValueError, match="--packed needs scBERT 2.0"):
+        pretrain.main(pretrain_args(pretrain_data, tmp_path / "v1", "scbert-small", "--max_steps", "1", "--packed"))
+    with pytest.raises(ValueError, match="--attn_implementation applies to scBERT 2.0"):
+        pretrain.main(pretrain_args(pretrain_data, tmp_path / "v1", "scbert-small", "--max_steps", "1",
+                                    "--attn_implementation", "sdpa"))
+
+
+# ------------------------------------------------------------------------------------------------- 8. new-user bugs
+def test_a_checkpoint_is_resumed_only_by_the_run_that_wrote_it(pretrain_data, finetune_data, tmp_path):
+    output = tmp_path / "run"
+
+    def run(data: Path, *extra: str):
+        return pretrain.main(pretrain_args(data, output, "scbert2-tiny", "--max_steps", "2", "--checkpointing_steps",
+                                           "2", "--resume_from_checkpoint", "latest", *extra))
+
+    run(pretrain_data)
+    state = json.loads((output / "checkpoints" / "checkpoint-2" / STATE_FILE).read_text())
+    assert {"data", "architecture", "vocabulary"} <= state["run"].keys()
+    run(pretrain_data)  # the same run resumes (and, finished, trains no further)
+    with pytest.raises(ValueError, match=r"Refusing to resume .*other training data.*another --output_dir"):
+        run(finetune_data)  # same genes, other cells: the silent-resume bug
+    with pytest.raises(ValueError, match=r"another architecture \(.*num_hidden_layers"):
+        run(pretrain_data, "--architecture", "scbert2-small")
+    # A checkpoint written before checkpoints recorded their run cannot be checked, so it is not resumed.
+    state.pop("run")
+    (output / "checkpoints" / "checkpoint-2" / STATE_FILE).write_text(json.dumps(state))
+    with pytest.raises(ValueError, match="records no run identity"):
+        run(pretrain_data)
+
+
+def test_finetune_refuses_a_single_class_and_splits_without_training_cells(finetune_data, tmp_path):
+    import anndata as ad
+
+    single = ad.read_h5ad(finetune_data)
+    single.obs["cell_type1"] = "beta"
+    single.write_h5ad(tmp_path / "single.h5ad")
+    with pytest.raises(ValueError, match=r"single class \(\['beta'\]\)"):
+        finetune.main(finetune_args(tmp_path / "single.h5ad", tmp_path / "run", "--architecture", "scbert2-tiny"))
+
+    labels = np.repeat([0, 1], [40, 2])  # the rare class has one cell left after the test fold
+    outcomes = []
+    for seed in range(12):
+        try:
+            split = finetune.split_cells(labels, ["common", "rare"], _split_args(kfold=2, validation_size=0.5, seed=seed))
+        except ValueError as error:
+            assert "no training cell for ['rare']" in str(error)
+            outcomes.append("refused")
+        else:
+            assert set(labels[split["train"]]) == {0, 1}
+            outcomes.append("split")
+    assert "refused" in outcomes
+
+
+def test_tokenized_data_is_cached_under_the_datasets_cache_not_beside_the_data(pretrain_data, tmp_path, monkeypatch):
+    import datasets
+
+    from train.data import load_tokenized_dataset
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf_cache"))
+    tokenizer = GeneExpressionTokenizer.from_adata(ad_read(pretrain_data), mode="scbert2", max_length=64)
+    dataset = load_tokenized_dataset([str(pretrain_data)], tokenizer)
+    assert len(dataset) == N_CELLS
+    assert len(list((tmp_path / "hf_cache" / "scbert").glob("cells-*"))) == 1
+    assert not (pretrain_data.parent / ".scbert_cache").exists()
+
+
+def ad_read(path: Path):
+    import anndata as ad
+
+    return ad.read_h5ad(path)
+
+
+def test_min_overlap_flag_reaches_the_tokenizer(pretrain_data, tmp_path):
+    folder = pretrain.main(pretrain_args(pretrain_data, tmp_path / "pt", "scbert2-tiny", "--max_steps", "1"))
+    few_genes = ad_read(pretrain_data)[:, :90].copy()  # 30% of the vocabulary
+    few_genes.write_h5ad(tmp_path / "few.h5ad")
+    args = pretrain_args(tmp_path / "few.h5ad", tmp_path / "more", "scbert2-tiny", "--max_steps", "1")
+    args[args.index("--architecture"):args.index("--architecture") + 2] = ["--model", str(folder)]
+    with pytest.raises(ValueError, match="--min_overlap"):
+        pretrain.main(args)
+    pretrain.main(args + ["--min_overlap", "0.2"])
+    assert GeneExpressionTokenizer.from_pretrained(tmp_path / "more" / "model").min_overlap == 0.2

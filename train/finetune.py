@@ -1,7 +1,7 @@
 """Fine-tuning for cell type annotation, for scBERT and scBERT 2.0 alike, with a logistic-regression baseline.
 
-    accelerate launch train/finetune.py --data cells.h5ad --label_key cell_type --model runs/pretrain/model \
-        --output_dir runs/annotate
+    scbert finetune --data cells.h5ad --label_key cell_type --model runs/pretrain/model --output_dir runs/annotate
+    accelerate launch -m train.finetune ...                       # the same, on several GPUs / processes
 
 Splits the cells (stratified train/validation/test, or fold K of a stratified k-fold), trains on batches that draw
 every cell type equally often (`--class_sampling`) with early stopping on the validation balanced log-loss (or
@@ -14,8 +14,8 @@ OUTPUT_DIR/results.json holds both results.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -25,38 +25,37 @@ import torch.nn.functional as F
 from accelerate.utils import set_seed
 from transformers import AutoModelForSequenceClassification
 
-if __package__ in (None, ""):  # `accelerate launch train/finetune.py` runs this file as a script
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from tokenization import GeneExpressionTokenizer  # noqa: E402
-from train.training import (  # noqa: E402
-    ClassificationCollator,
-    add_training_arguments,
+from tokenization import GeneExpressionTokenizer
+from train.cli import run_command
+from train.data import ClassificationCollator, load_tokenized_dataset, make_loader, read_h5ad, training_fingerprint
+from train.genes import initialise_gene_embeddings, select_highly_variable_genes
+from train.loop import EarlyStopping, add_training_arguments, make_accelerator, model_loss, run_identity, train_loop
+from train.metrics import balanced_log_loss, classification_metrics, predict
+from train.models import (
     architecture_config,
     architecture_mode,
-    balanced_log_loss,
-    classification_metrics,
+    attention_kwargs,
     load_pretrained_folder,
-    load_tokenized_dataset,
-    initialise_gene_embeddings,
-    make_accelerator,
-    predict,
-    read_h5ad,
     save_model_folder,
-    select_highly_variable_genes,
-    train_loop,
+    tokenizer_overrides,
 )
+
+# The fine-tuning recipe, each part measured by a 5-fold CV on Baron (benchmarks/results/annotation/README.md).
+# Benchmarks read them from here, so they cannot drift from what `scbert finetune` does.
+DEFAULTS = {"num_epochs": 20, "learning_rate": 2e-3, "per_device_batch_size": 16, "gene_embedding_init": "svd_whitened",
+            "highly_variable_genes": 2000, "ema_decay": 0.995, "max_length": 512}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="scbert finetune", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", required=True, help="an .h5ad file with labelled cells")
     parser.add_argument("--label_key", required=True, help="obs column holding the cell types")
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--model", help="a pretrained folder (its tokenizer is used)")
     source.add_argument("--architecture", default="scbert2-small", help="from scratch: a preset or scbert-small")
     parser.add_argument("--gene_key", default=None)
-    parser.add_argument("--max_length", type=int, default=512,
+    parser.add_argument("--max_length", type=int,
                         help="from scratch, scBERT 2.0: tokens per cell at most (the most expressed of the selected "
                              "genes); 512 keeps every expressed highly variable gene of nearly every cell")
     parser.add_argument("--test_size", type=float, default=0.2)
@@ -93,8 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "table) and train the rest: a rare type's few training cells cannot then reshape the "
                              "vectors of its marker genes to memorise those cells")
     add_training_arguments(parser)
-    parser.set_defaults(num_epochs=20, learning_rate=2e-3, per_device_batch_size=16, gene_embedding_init="svd_whitened",
-                        highly_variable_genes=2000, ema_decay=0.995)
+    parser.set_defaults(**DEFAULTS)
     return parser
 
 
@@ -102,8 +100,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     return build_parser().parse_args(argv)
 
 
+def check_labels(names: list[str], label_key: str) -> None:
+    if len(names) < 2:
+        raise ValueError(f"The label column {label_key!r} holds a single class ({names}): a classifier needs at least "
+                         "two cell types to tell apart. Pass another --label_key or data with more types.")
+
+
 def split_cells(labels: np.ndarray, names: list[str], args: argparse.Namespace) -> dict[str, np.ndarray]:
-    """Stratified train/validation/test indices; the validation cells come out of the training share."""
+    """Stratified train/validation/test indices; the validation cells come out of the training share. Refuses a
+    split that leaves a class without training cells (the model could never predict it)."""
     from sklearn.model_selection import StratifiedKFold, train_test_split
 
     counts = np.bincount(labels, minlength=len(names))
@@ -125,6 +130,11 @@ def split_cells(labels: np.ndarray, names: list[str], args: argparse.Namespace) 
     stratify = labels[train_val] if np.bincount(labels[train_val]).min(initial=2) >= 2 else None
     train, validation = train_test_split(train_val, test_size=args.validation_size, stratify=stratify,
                                          random_state=args.seed)
+    missing = [names[i] for i, c in enumerate(np.bincount(labels[train], minlength=len(names))) if c == 0]
+    if missing:
+        raise ValueError(f"The split leaves no training cell for {missing} (cells per class: "
+                         f"{dict(zip(names, counts.tolist()))}). Give those classes more cells, merge or remove them, "
+                         "or lower --test_size / --validation_size.")
     return {"train": np.sort(train), "validation": np.sort(validation), "test": np.sort(test)}
 
 
@@ -158,98 +168,104 @@ def choose_logit_adjustment(logits: np.ndarray, labels: np.ndarray, log_prior: n
     return taus[int(np.argmax(scores))]
 
 
-def logits_layer(model) -> torch.nn.Linear:
-    """The linear layer whose output is the class logits: scBERT 2.0's classifier, the last layer of scBERT v1's."""
-    if model.config.model_type == "scbert2":
-        return model.classifier
-    return model.classifier.fc3 if model.config.classifier_type == "conv" else model.classifier.out_proj
-
-
-def weighted_cross_entropy(weights: torch.Tensor, aux_loss_coef: float):
-    """Class-weighted cross-entropy plus the MoE load-balancing loss the model would have added itself."""
-    def loss_fn(outputs, labels: torch.Tensor) -> torch.Tensor:
+def weighted_cross_entropy(weights: torch.Tensor):
+    """A ``compute_loss`` hook: class-weighted cross-entropy plus the MoE load-balancing loss the model would have
+    added itself."""
+    def compute_loss(model, batch):
+        labels = batch.pop("labels")
+        outputs = model(**batch)
         loss = F.cross_entropy(outputs.logits.float(), labels, weight=weights.to(outputs.logits.device))
         aux_loss = getattr(outputs, "aux_loss", None)
-        return loss if aux_loss is None else loss + aux_loss_coef * aux_loss
-    return loss_fn
+        if aux_loss is not None:
+            loss = loss + model.config.router_aux_loss_coef * aux_loss
+        return loss, outputs
+    return compute_loss
 
 
-def main(argv=None) -> dict:
-    args = parse_args(argv)
-    accelerator = make_accelerator(args, "finetune")
-    set_seed(args.seed)
+def load_labelled_cells(args: argparse.Namespace, accelerator):
+    """The AnnData, the tokenizer (the pretrained folder's or a new one) and the tokenized labelled cells."""
     adata = read_h5ad(args.data)
     if args.label_key not in adata.obs.columns:
         raise KeyError(f"--label_key {args.label_key!r} is not a column of {args.data}'s obs "
                        f"(columns: {list(adata.obs.columns)}).")
     if args.model:
-        base_config, tokenizer = load_pretrained_folder(args.model)
-        tokenizer.zero_fraction = 0.0
+        _, tokenizer = load_pretrained_folder(args.model, **tokenizer_overrides(args))
     else:
         tokenizer = GeneExpressionTokenizer.from_adata(adata, gene_key=args.gene_key,
                                                        mode=architecture_mode(args.architecture),
-                                                       max_length=args.max_length)
+                                                       max_length=args.max_length, **tokenizer_overrides(args))
     with accelerator.main_process_first():
         dataset = load_tokenized_dataset([args.data], tokenizer, label_key=args.label_key, cache_dir=args.cache_dir)
-    names = dataset.features["label"].names
-    labels = np.asarray(dataset["label"])
-    split = split_cells(labels, names, args)
+    return adata, tokenizer, dataset
+
+
+def build_classifier(args: argparse.Namespace, tokenizer: GeneExpressionTokenizer, names: list[str], train_cells):
+    """The model to fine-tune: the pretrained folder with a new head, or a fresh preset (gene table from the SVD of
+    the training cells)."""
     id2label = dict(enumerate(names))
-    label2id = {name: i for i, name in id2label.items()}
-    select_highly_variable_genes(tokenizer, dataset.select(split["train"]), args)
+    labels = {"num_labels": len(names), "id2label": id2label, "label2id": {name: i for i, name in id2label.items()}}
     pooling = {"pooling": args.pooling} if tokenizer.mode == "scbert2" else {}  # scBERT v1 has its own head
+    attention = attention_kwargs(tokenizer.mode, args.attn_implementation)
     if args.model:
-        model = AutoModelForSequenceClassification.from_pretrained(
-            args.model, num_labels=len(names), id2label=id2label, label2id=label2id, **pooling)
+        # A new head: an adjustment recorded by an earlier fine-tuning belongs to that head's classes.
+        labels.update(class_prior=None, logit_adjustment_tau=0.0)
+        model = AutoModelForSequenceClassification.from_pretrained(args.model, **labels, **pooling, **attention)
     else:
-        config = architecture_config(args.architecture, tokenizer, num_labels=len(names), id2label=id2label,
-                                     label2id=label2id, **pooling)
-        model = AutoModelForSequenceClassification.from_config(config)
-        initialise_gene_embeddings(model, dataset.select(split["train"]), tokenizer, args)
+        config = architecture_config(args.architecture, tokenizer, **labels, **pooling)
+        model = AutoModelForSequenceClassification.from_config(config, **attention)
+        initialise_gene_embeddings(model, train_cells, tokenizer, args)
     if args.freeze_gene_embeddings:
         if model.config.model_type != "scbert2":
             raise ValueError("--freeze_gene_embeddings applies to scBERT 2.0 (its gene table); scBERT v1 has none.")
         model.get_input_embeddings().weight.requires_grad_(False)
+    return model
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
     if min(args.logit_adjustment_grid) < 0:
         raise ValueError(f"--logit_adjustment_grid takes values >= 0 (0: no adjustment), got {args.logit_adjustment_grid}.")
+    accelerator = make_accelerator(args, "finetune")
+    set_seed(args.seed)
+    adata, tokenizer, dataset = load_labelled_cells(args, accelerator)
+    names = dataset.features["label"].names
+    check_labels(names, args.label_key)
+    labels = np.asarray(dataset["label"])
+    split = split_cells(labels, names, args)
+    cells = {part: dataset.select(rows) for part, rows in split.items()}
+    select_highly_variable_genes(tokenizer, cells["train"], args)
+    model = build_classifier(args, tokenizer, names, cells["train"])
 
-    train_labels = labels[split["train"]]
-    counts = np.bincount(train_labels, minlength=len(names)).astype(np.float64)
-    loss_fn = None
+    counts = np.bincount(labels[split["train"]], minlength=len(names)).astype(np.float64)
+    compute_loss = model_loss
     if args.class_weighting == "balanced":
-        weights = len(split["train"]) / (len(names) * np.maximum(counts, 1))
-        loss_fn = weighted_cross_entropy(torch.tensor(weights, dtype=torch.float32),
-                                         getattr(model.config, "router_aux_loss_coef", 0.0))
-
-    sample_weights = 1.0 / counts[train_labels] if args.class_sampling == "balanced" else None
-
-    collate = ClassificationCollator(tokenizer)
-    train_collate = ClassificationCollator(tokenizer, gene_dropout=args.gene_dropout, seed=args.seed)
+        compute_loss = weighted_cross_entropy(torch.tensor(len(split["train"]) / (len(names) * counts),
+                                                           dtype=torch.float32))
+    sample_weights = 1.0 / counts[labels[split["train"]]] if args.class_sampling == "balanced" else None
+    collate = ClassificationCollator(tokenizer, packed=args.packed)
+    train_collate = ClassificationCollator(tokenizer, gene_dropout=args.gene_dropout, seed=args.seed, packed=args.packed)
+    train_loader = make_loader(cells["train"], train_collate, args.per_device_batch_size, True, args.seed,
+                               args.num_workers, sample_weights)
     output = Path(args.output_dir) / "model"
 
     def evaluate(model) -> dict[str, float]:
-        logits, y = predict(accelerator, model, dataset.select(split["validation"]), collate, args.per_device_batch_size)
+        logits, y = predict(accelerator, model, cells["validation"], collate, args.per_device_batch_size)
         return {**classification_metrics(y, logits.argmax(-1)), "balanced_log_loss": balanced_log_loss(y, logits)}
 
-    def keep_best(unwrapped) -> None:
-        save_model_folder(unwrapped, tokenizer, output, accelerator)
-
-    result = train_loop(accelerator, model, dataset.select(split["train"]), train_collate, args, evaluate=evaluate,
-                        metric_for_best=args.metric_for_best, greater_is_better=args.metric_for_best == "macro_f1",
-                        patience=args.patience, on_new_best=keep_best, loss_fn=loss_fn,
-                        sample_weights=sample_weights)
-    best = accelerator.prepare(AutoModelForSequenceClassification.from_pretrained(output))
+    early_stopping = EarlyStopping(args.metric_for_best, greater_is_better=args.metric_for_best == "macro_f1",
+                                   patience=args.patience,
+                                   on_new_best=lambda best: save_model_folder(best, tokenizer, output, accelerator))
+    split_digest = hashlib.sha256(np.concatenate(list(split.values())).tobytes()).hexdigest()[:16]
+    fingerprint = training_fingerprint([args.data], dataset, tokenizer, f"label={args.label_key};split={split_digest}")
+    result = train_loop(accelerator, model, train_loader, args, compute_loss=compute_loss, evaluate=evaluate,
+                        early_stopping=early_stopping, identity=run_identity(fingerprint, model, tokenizer.get_vocab()))
+    best = accelerator.prepare(AutoModelForSequenceClassification.from_pretrained(
+        output, **attention_kwargs(tokenizer.mode, args.attn_implementation)))
     tau = None
     if args.logit_adjustment == "validation":
-        log_prior = np.log(np.maximum(counts, 1) / counts.sum())
-        validation_logits, validation_labels = predict(accelerator, best, dataset.select(split["validation"]), collate,
-                                                       args.per_device_batch_size)
-        tau = choose_logit_adjustment(validation_logits, validation_labels, log_prior, args.logit_adjustment_grid)
-        bias = logits_layer(accelerator.unwrap_model(best)).bias
-        with torch.no_grad():
-            bias += torch.as_tensor(tau * log_prior, dtype=bias.dtype)
+        tau = adjust_logits_on_validation(accelerator, best, cells["validation"], collate, counts, args)
         save_model_folder(best, tokenizer, output, accelerator)
-    logits, y = predict(accelerator, best, dataset.select(split["test"]), collate, args.per_device_batch_size)
+    logits, y = predict(accelerator, best, cells["test"], collate, args.per_device_batch_size)
     results = {
         "data": str(args.data),
         "label_key": args.label_key,
@@ -258,7 +274,8 @@ def main(argv=None) -> dict:
         "split": {k: int(len(v)) for k, v in split.items()} | ({"kfold": args.kfold, "fold": args.fold} if args.kfold else {}),
         "num_classes": len(names),
         "model": {**classification_metrics(y, logits.argmax(-1), names), "train_seconds": result.seconds,
-                  "steps": result.step, f"best_validation_{args.metric_for_best}": result.best_metric}
+                  "steps": result.step, "epoch_kept": result.best_epoch,
+                  f"best_validation_{args.metric_for_best}": result.best_metric}
                  | ({"logit_adjustment_tau": tau} if tau is not None else {}),
     }
     if not args.no_baseline and accelerator.is_main_process:
@@ -267,19 +284,38 @@ def main(argv=None) -> dict:
                                                                                    tuple(args.baseline_C))
     if accelerator.is_main_process:
         (Path(args.output_dir) / "results.json").write_text(json.dumps(results, indent=2))
-        print_results(results)
+        print_results(results, Path(args.output_dir))
     accelerator.end_training()
     return results
 
 
-def print_results(results: dict) -> None:
+def adjust_logits_on_validation(accelerator, model, validation_cells, collate, counts: np.ndarray,
+                                args: argparse.Namespace) -> float:
+    """Picks tau on the validation cells and records it with the training class prior in the model's config: the
+    head then adds tau * log(prior) to its logits, so the saved folder predicts the adjusted way with no extra code."""
+    prior = counts / counts.sum()
+    logits, labels = predict(accelerator, model, validation_cells, collate, args.per_device_batch_size)
+    tau = choose_logit_adjustment(logits, labels, np.log(prior), args.logit_adjustment_grid)
+    config = accelerator.unwrap_model(model).config
+    config.class_prior, config.logit_adjustment_tau = prior.tolist(), tau
+    return tau
+
+
+def print_results(results: dict, output_dir: Path) -> None:
     rows = [("scBERT family model (" + results["model_type"] + ")", results["model"])]
     if "baseline_logistic_regression_l1" in results:
         rows.append(("logistic regression (L1), same split", results["baseline_logistic_regression_l1"]))
     print(f"\n{'held-out cells: ' + str(results['split']['test']):<42} {'accuracy':>9} {'macro-F1':>9}")
     for name, metrics in rows:
         print(f"{name:<42} {metrics['accuracy']:>9.4f} {metrics['macro_f1']:>9.4f}")
+    worst = sorted(results["model"]["per_class_f1"].items(), key=lambda item: item[1])[:3]
+    print("weakest classes (model F1): " + ", ".join(f"{name} {f1:.3f}" for name, f1 in worst))
+    print(f"kept the model of epoch {results['model']['epoch_kept']} (best validation "
+          f"{next(k for k in results['model'] if k.startswith('best_validation_'))[16:]}); results: "
+          f"{output_dir / 'results.json'}")
+    print(f"model folder: {output_dir / 'model'} (AutoModelForSequenceClassification.from_pretrained(folder), "
+          "AutoTokenizer.from_pretrained(folder); trust_remote_code=True without this package)")
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

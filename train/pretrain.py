@@ -1,7 +1,7 @@
 """Pretraining: scBERT 2.0 masked regression (bin + value of hidden genes) or scBERT's masked language modelling.
 
-    accelerate launch train/pretrain.py --data cells.h5ad --architecture scbert2-moe --output_dir runs/pretrain
-    accelerate launch train/pretrain.py --data cells.h5ad --model runs/pretrain/model --output_dir runs/more  # continue
+    scbert pretrain --data cells.h5ad --architecture scbert2-moe --output_dir runs/pretrain
+    accelerate launch -m train.pretrain --data cells.h5ad --model runs/pretrain/model --output_dir runs/more  # continue
 
 The final model and tokenizer are written to OUTPUT_DIR/model, loadable with AutoModelForMaskedLM.
 """
@@ -10,46 +10,47 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 from accelerate.utils import set_seed
 from transformers import AutoModelForMaskedLM
 
-if __package__ in (None, ""):  # `accelerate launch train/pretrain.py` runs this file as a script
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from tokenization import GeneExpressionTokenizer  # noqa: E402
-from train.training import (  # noqa: E402
-    MaskedExpressionCollator,
-    add_training_arguments,
-    architecture_mode,
+from tokenization import GeneExpressionTokenizer
+from train.cli import run_command
+from train.data import MaskedExpressionCollator, load_tokenized_dataset, make_loader, read_h5ad, training_fingerprint
+from train.genes import initialise_gene_embeddings, select_highly_variable_genes
+from train.loop import add_training_arguments, make_accelerator, run_identity, train_loop
+from train.models import (
     architecture_config,
+    architecture_mode,
+    attention_kwargs,
     load_pretrained_folder,
-    load_tokenized_dataset,
-    initialise_gene_embeddings,
-    make_accelerator,
-    read_h5ad,
     save_model_folder,
-    select_highly_variable_genes,
-    train_loop,
+    tokenizer_overrides,
 )
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="scbert pretrain", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", nargs="+", required=True, help=".h5ad files, or one saved datasets folder")
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--model", help="a pretrained folder to continue from (its tokenizer is used)")
     source.add_argument("--architecture", default="scbert2-moe",
                         help="scbert2-tiny | scbert2-small | scbert2-moe | scbert-small | scbert")
     parser.add_argument("--max_length", type=int, default=1024, help="scBERT 2.0: tokens per cell (most expressed)")
-    parser.add_argument("--zero_fraction", type=float, default=0.1, help="scBERT 2.0: share of unexpressed genes added")
+    parser.add_argument("--zero_fraction", type=float, default=0.1,
+                        help="scBERT 2.0: each cell gains this share (of its expressed count) of unexpressed genes, "
+                             "drawn per batch (0 for scBERT v1, which sees every gene)")
     parser.add_argument("--mask_probability", type=float, default=0.15)
     parser.add_argument("--gene_key", default=None, help="var column with gene names (default: var_names)")
     add_training_arguments(parser)
     parser.set_defaults(num_epochs=3)
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def main(argv=None) -> Path:
@@ -57,16 +58,15 @@ def main(argv=None) -> Path:
     accelerator = make_accelerator(args, "pretrain")
     set_seed(args.seed)
     if args.model:
-        config, tokenizer = load_pretrained_folder(args.model)
-        model = AutoModelForMaskedLM.from_pretrained(args.model)
+        config, tokenizer = load_pretrained_folder(args.model, **tokenizer_overrides(args))
+        model = AutoModelForMaskedLM.from_pretrained(args.model, **attention_kwargs(config.model_type,
+                                                                                    args.attn_implementation))
     else:
-        first = read_h5ad(args.data[0])
-        tokenizer = GeneExpressionTokenizer.from_adata(
-            first, gene_key=args.gene_key, mode=architecture_mode(args.architecture), max_length=args.max_length, zero_fraction=args.zero_fraction
-        )
-        del first
+        tokenizer = GeneExpressionTokenizer.from_adata(read_h5ad(args.data[0]), gene_key=args.gene_key,
+                                                       mode=architecture_mode(args.architecture),
+                                                       max_length=args.max_length, **tokenizer_overrides(args))
         config = architecture_config(args.architecture, tokenizer)
-        model = AutoModelForMaskedLM.from_config(config)
+        model = AutoModelForMaskedLM.from_config(config, **attention_kwargs(config.model_type, args.attn_implementation))
     with accelerator.main_process_first():
         dataset = load_tokenized_dataset(args.data, tokenizer, cache_dir=args.cache_dir)
     select_highly_variable_genes(tokenizer, dataset, args)
@@ -74,7 +74,12 @@ def main(argv=None) -> Path:
         initialise_gene_embeddings(model, dataset, tokenizer, args)
     n_parameters = sum(p.numel() for p in model.parameters())
     accelerator.print(f"Pretraining {config.model_type} ({n_parameters / 1e6:.2f}M parameters) on {len(dataset):,} cells.")
-    result = train_loop(accelerator, model, dataset, MaskedExpressionCollator(tokenizer, args.mask_probability, seed=args.seed), args)
+    zero_fraction = args.zero_fraction if tokenizer.mode == "scbert2" else 0.0
+    collator = MaskedExpressionCollator(tokenizer, args.mask_probability, seed=args.seed, zero_fraction=zero_fraction,
+                                        packed=args.packed)
+    loader = make_loader(dataset, collator, args.per_device_batch_size, True, args.seed, args.num_workers)
+    identity = run_identity(training_fingerprint(args.data, dataset, tokenizer), model, tokenizer.get_vocab())
+    result = train_loop(accelerator, model, loader, args, identity=identity)
     output = Path(args.output_dir) / "model"
     save_model_folder(model, tokenizer, output, accelerator)
     if accelerator.is_main_process:
@@ -86,4 +91,4 @@ def main(argv=None) -> Path:
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

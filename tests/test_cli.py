@@ -1,0 +1,70 @@
+"""The `scbert` command: subcommands, and errors that print the message a user needs rather than a traceback."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from train import cli
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(*command: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
+def scbert_command() -> list[str]:
+    """The installed console script (entry point), else the module it points at."""
+    script = Path(sys.executable).with_name("scbert")
+    return [str(script)] if script.exists() else [sys.executable, "-m", "train.cli"]
+
+
+def test_scbert_help_lists_the_subcommands():
+    result = run(*scbert_command(), "--help")
+    assert result.returncode == 0, result.stderr
+    for name in cli.COMMANDS:
+        assert name in result.stdout
+    finetune_help = run(*scbert_command(), "finetune", "--help")
+    assert finetune_help.returncode == 0 and "--label_key" in finetune_help.stdout and "--packed" in finetune_help.stdout
+
+
+def test_the_console_script_is_declared():
+    from importlib.metadata import entry_points
+
+    scripts = {ep.name: ep.value for ep in entry_points(group="console_scripts")}
+    assert scripts.get("scbert") == "train.cli:main"
+
+
+def test_an_error_prints_its_message_and_a_traceback_only_with_debug(tmp_path):
+    arguments = ["finetune", "--data", str(tmp_path / "missing.h5ad"), "--label_key", "x", "--output_dir", str(tmp_path)]
+    plain = run(*scbert_command(), *arguments)
+    assert plain.returncode == 1
+    assert "missing.h5ad does not exist" in plain.stderr and "Traceback" not in plain.stderr
+    assert "--debug" in plain.stderr
+    debug = run(*scbert_command(), *arguments, "--debug")
+    assert debug.returncode == 1 and "Traceback" in debug.stderr and "FileNotFoundError" in debug.stderr
+    # The module path behaves the same (what `accelerate launch -m train.finetune` runs).
+    module = run(sys.executable, "-m", "train.finetune", *arguments[1:])
+    assert module.returncode == 1 and "does not exist" in module.stderr and "Traceback" not in module.stderr
+
+
+def test_the_main_job_names_the_failed_stage_without_burying_its_error(tmp_path):
+    result = run(sys.executable, "-m", "train.main", "--data", str(tmp_path / "missing.h5ad"),
+                 "--output_dir", str(tmp_path / "main"))
+    assert result.returncode == 1
+    assert "missing.h5ad does not exist" in result.stderr  # the stage's own message
+    assert "train.pretrain stage failed" in result.stderr
+    assert "Traceback" not in result.stderr and "CalledProcessError" not in result.stderr
+
+
+def test_key_errors_print_without_quotes():
+    assert cli.error_message(KeyError("--label_key 'x' is not a column")) == "--label_key 'x' is not a column"
+    with pytest.raises(SystemExit) as exit_info:
+        cli.run_command(lambda argv: (_ for _ in ()).throw(ValueError("bad value")), [])
+    assert exit_info.value.code == 1

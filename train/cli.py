@@ -1,0 +1,60 @@
+"""The `scbert` command: one entry point for the family's tools, each a subcommand with its own flags.
+
+    scbert --help
+    scbert finetune --data cells.h5ad --label_key cell_type --output_dir runs/annotate
+    scbert finetune --help
+
+Errors print the message a user needs and exit with status 1; `--debug` shows the full traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import Callable
+
+# subcommand -> (module with main(argv), one-line help). The other tools of the family (annotate, quantize, distill,
+# push) join here as they are built.
+COMMANDS = {
+    "pretrain": ("train.pretrain", "pretrain scBERT 2.0 (masked regression) or scBERT (masked language modelling)"),
+    "finetune": ("train.finetune", "fine-tune for cell type annotation, next to a logistic-regression baseline"),
+    "convert": ("modeling_scbert.convert_scbert_original_checkpoint",
+                "convert the published scBERT checkpoint (.pth) into a Hub folder"),
+    "main": ("train.main", "the end-to-end main job: pretrain, fine-tune, compare with the baseline"),
+}
+
+
+def error_message(error: BaseException) -> str:
+    # KeyError's str() is the repr of its argument, quotes included.
+    text = error.args[0] if isinstance(error, KeyError) and error.args else str(error)
+    return text or type(error).__name__
+
+
+def run_command(main: Callable, argv: list[str] | None = None) -> None:
+    """Runs ``main(argv)``; an error ends the process with its message (the traceback only under ``--debug``)."""
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        main(argv)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except Exception as error:
+        if "--debug" in argv:
+            raise
+        print(f"error: {error_message(error)}\n(run with --debug for the full traceback)", file=sys.stderr)
+        sys.exit(1)
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(prog="scbert", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    subcommands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (_, help_text) in COMMANDS.items():
+        subcommands.add_parser(name, help=help_text, add_help=False)
+    command = parser.parse_args(argv[:1]).command
+    run_command(importlib.import_module(COMMANDS[command][0]).main, argv[1:])
+
+
+if __name__ == "__main__":
+    main()

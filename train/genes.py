@@ -1,0 +1,76 @@
+"""Gene-level choices made from the training cells: which genes a cell's tokens come from (highly variable genes)
+and where scBERT 2.0's gene vectors start (a truncated SVD of the cells' expression)."""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+
+from tokenization import GeneExpressionTokenizer
+
+
+def dataset_matrix(dataset, tokenizer: GeneExpressionTokenizer):
+    """Cells x vocabulary-genes CSR matrix rebuilt from the Arrow list columns (offsets reused, no per-cell loop)."""
+    import scipy.sparse as sp
+
+    table = dataset.with_format("arrow")[:]
+    genes, values = table.column("gene_ids").combine_chunks(), table.column("values").combine_chunks()
+    offsets = np.asarray(genes.offsets) - genes.offsets[0].as_py()
+    indices = np.asarray(genes.flatten()) - tokenizer.num_special_tokens
+    data = np.asarray(values.flatten(), dtype=np.float32)
+    return sp.csr_matrix((data, indices, offsets), shape=(len(dataset), tokenizer.num_genes))
+
+
+def highly_variable_genes(matrix, tokenizer: GeneExpressionTokenizer, n_top_genes: int) -> list[str]:
+    """Vocabulary genes among the ``n_top_genes`` most variable of a cells x genes matrix of log2 values by scanpy's
+    Seurat or Cell Ranger dispersion flavour. Both rank dispersion within bins of mean expression, which drops some
+    of the strongest markers from the top bin: on Baron pancreas Seurat's drops Gcg, Ppy and Cd3e, Cell Ranger's
+    Ins1 and Ins2; the union keeps them all."""
+    import anndata
+    import scanpy as sc
+
+    if n_top_genes < 1:
+        raise ValueError(f"n_top_genes must be >= 1, got {n_top_genes}.")
+    expressed = np.flatnonzero(np.asarray((matrix != 0).sum(axis=0)).ravel())
+    if n_top_genes >= len(expressed):
+        return [tokenizer.genes[i] for i in expressed]
+    cells = anndata.AnnData(matrix[:, expressed] * np.float32(np.log(2)))  # scanpy expects natural-log values
+    chosen = np.zeros(len(expressed), dtype=bool)
+    for flavor in ("seurat", "cell_ranger"):
+        sc.pp.highly_variable_genes(cells, n_top_genes=n_top_genes, flavor=flavor)
+        chosen |= cells.var["highly_variable"].to_numpy()
+    return [tokenizer.genes[i] for i in expressed[chosen]]
+
+
+def select_highly_variable_genes(tokenizer: GeneExpressionTokenizer, dataset, args: argparse.Namespace) -> None:
+    """Applies ``--highly_variable_genes`` to a scBERT 2.0 tokenizer (scBERT v1 reads the full gene panel)."""
+    if args.highly_variable_genes and tokenizer.mode == "scbert2":
+        tokenizer.selected_genes = highly_variable_genes(dataset_matrix(dataset, tokenizer), tokenizer,
+                                                         args.highly_variable_genes)
+
+
+def svd_gene_embeddings(matrix, hidden_size: int, std: float, seed: int, whiten: bool = False) -> np.ndarray:
+    """Gene vectors from a truncated SVD of the cells' log-normalised expression, scaled to ``std``.
+
+    Genes that co-vary across cells start close together, which a randomly initialised table of ~15k genes cannot
+    learn from a few thousand cells in a few epochs. Uses only the cells given (no labels). ``whiten`` gives every
+    component the same scale instead of weighting it by its singular value, so that small programmes (a rare cell
+    type's) are not drowned out by the large ones.
+    """
+    from sklearn.decomposition import TruncatedSVD
+
+    components = min(hidden_size, min(matrix.shape) - 1)
+    svd = TruncatedSVD(n_components=components, random_state=seed).fit(matrix)
+    vectors = np.zeros((matrix.shape[1], hidden_size), dtype=np.float32)
+    vectors[:, :components] = svd.components_.T * (1.0 if whiten else svd.singular_values_)
+    return vectors * (std / vectors.std())
+
+
+def initialise_gene_embeddings(model, dataset, tokenizer: GeneExpressionTokenizer, args: argparse.Namespace) -> None:
+    """Applies ``--gene_embedding_init svd`` / ``svd_whitened`` to a freshly built scBERT 2.0 model (scBERT v1 has
+    no gene table)."""
+    if args.gene_embedding_init.startswith("svd") and model.config.model_type == "scbert2":
+        matrix = dataset_matrix(dataset, tokenizer)
+        model.load_gene_embeddings(svd_gene_embeddings(matrix, model.config.hidden_size, args.gene_embedding_std,
+                                                       args.seed, whiten=args.gene_embedding_init == "svd_whitened"))

@@ -1,0 +1,57 @@
+"""Predictions and the annotation metrics (scikit-learn's: accuracy, macro-F1, per-class F1, confusions)."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+
+from train.data import make_loader
+
+
+@torch.inference_mode()
+def predict(accelerator: Accelerator, model: torch.nn.Module, dataset, collate_fn: Callable, batch_size: int,
+            num_workers: int = 0) -> tuple[np.ndarray, np.ndarray | None]:
+    """Logits of every cell (in dataset order) and the labels when the dataset has them, gathered over processes."""
+    loader = accelerator.prepare(make_loader(dataset, collate_fn, batch_size, False, 0, num_workers))
+    model.eval()
+    all_logits, all_labels = [], []
+    for batch in loader:
+        labels = batch.pop("labels", None)
+        logits = model(**batch).logits
+        logits = accelerator.gather_for_metrics(logits)
+        all_logits.append(logits.float().cpu())
+        if labels is not None:
+            all_labels.append(accelerator.gather_for_metrics(labels).cpu())
+    logits = torch.cat(all_logits).numpy()
+    return logits, (torch.cat(all_labels).numpy() if all_labels else None)
+
+
+def classification_metrics(labels: np.ndarray, predictions: np.ndarray, names: list[str] | None = None) -> dict:
+    """Accuracy and macro-F1 (plus, with ``names``, each class's F1 and the misclassified cells counted as
+    "true -> predicted"): the project's one implementation (evaluate.load needs the Hub)."""
+    from sklearn.metrics import accuracy_score, confusion_matrix, f1_score
+
+    metrics = {
+        "accuracy": float(accuracy_score(labels, predictions)),
+        "macro_f1": float(f1_score(labels, predictions, average="macro", zero_division=0)),
+    }
+    if names is not None:
+        # Over every class, present here or not, so per-class numbers line up across folds.
+        per_class = f1_score(labels, predictions, labels=np.arange(len(names)), average=None, zero_division=0)
+        metrics["per_class_f1"] = {name: float(f1) for name, f1 in zip(names, per_class)}
+        confusion = confusion_matrix(labels, predictions, labels=np.arange(len(names)))
+        np.fill_diagonal(confusion, 0)
+        metrics["errors"] = {f"{names[t]} -> {names[p]}": int(confusion[t, p]) for t, p in zip(*confusion.nonzero())}
+    return metrics
+
+
+def balanced_log_loss(labels: np.ndarray, logits: np.ndarray) -> float:
+    """Cross-entropy averaged within each class present, then over those classes: every class weighs the same, as in
+    macro-F1, but a cell counts by how sure the model is of its true type rather than only by whether the argmax hit
+    it, so it does not move in steps of one cell when a class has one or two cells to score."""
+    log_probabilities = torch.log_softmax(torch.as_tensor(logits, dtype=torch.float64), dim=-1)
+    losses = -log_probabilities[torch.arange(len(labels)), torch.as_tensor(labels)].numpy()
+    return float(np.mean([losses[labels == c].mean() for c in np.unique(labels)]))

@@ -1,0 +1,81 @@
+"""Model folders and architectures: what a training script builds, loads and saves."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from accelerate import Accelerator
+from transformers import AutoConfig
+
+import modeling_scbert
+from tokenization import GeneExpressionTokenizer
+
+
+def tokenizer_overrides(args) -> dict[str, Any]:
+    """Tokenizer settings given on the command line (``--min_overlap``), for a new or a loaded tokenizer."""
+    return {} if args.min_overlap is None else {"min_overlap": args.min_overlap}
+
+
+def load_pretrained_folder(folder: str | os.PathLike, expected_types=("scbert", "scbert2"), **tokenizer_kwargs: Any):
+    """Reads a model folder's config and tokenizer (``tokenizer_kwargs`` override its saved settings), with a clear
+    error for a folder of another model type."""
+    folder = Path(folder)
+    if not (folder / "config.json").exists():
+        raise FileNotFoundError(f"{folder} has no config.json: expected a folder written by save_pretrained.")
+    config = AutoConfig.from_pretrained(folder)
+    if config.model_type not in expected_types:
+        raise ValueError(
+            f"{folder} holds a {config.model_type!r} model; expected one of {expected_types} (an scBERT family folder)."
+        )
+    if not (folder / "tokenizer_config.json").exists():
+        raise FileNotFoundError(f"{folder} has no tokenizer files: save the tokenizer into the model folder.")
+    return config, GeneExpressionTokenizer.from_pretrained(folder, **tokenizer_kwargs)
+
+
+def is_scbert_v1(architecture: str) -> bool:
+    return architecture in modeling_scbert.configuration_scbert.PRESETS
+
+
+def architecture_config(architecture: str, tokenizer: GeneExpressionTokenizer, **overrides: Any):
+    """A fresh config for ``architecture``: a preset of scBERT 2.0 (``scbert2-*``) or of scBERT v1 (``scbert``,
+    ``scbert-small``), sized to the tokenizer's vocabulary."""
+    if architecture in modeling_scbert.configuration_scbert2.PRESETS:
+        # Mean pooling: masked-regression pretraining never trains the CLS output, the gene tokens it does train.
+        return modeling_scbert.ScBert2Config.from_preset(
+            architecture, vocab_size=tokenizer.vocab_size, num_bins=tokenizer.num_bins, **{"pooling": "mean", **overrides}
+        )
+    if is_scbert_v1(architecture):
+        return modeling_scbert.ScBertConfig.from_preset(
+            architecture, num_tokens=tokenizer.num_bins + 2, max_seq_len=tokenizer.sequence_length, **overrides
+        )
+    presets = sorted(modeling_scbert.configuration_scbert.PRESETS) + sorted(modeling_scbert.configuration_scbert2.PRESETS)
+    raise ValueError(f"Unknown architecture {architecture!r}: expected one of {presets}.")
+
+
+def architecture_mode(architecture: str) -> str:
+    """The tokenizer mode an architecture reads: scBERT's full panel or scBERT 2.0's expressed genes."""
+    return "scbert" if is_scbert_v1(architecture) else "scbert2"
+
+
+def attention_kwargs(model_type: str, attn_implementation: str | None) -> dict[str, str]:
+    """``attn_implementation`` for from_pretrained / from_config; scBERT v1's FAVOR+ attention has no backends."""
+    if attn_implementation is None:
+        return {}
+    if model_type != "scbert2":
+        raise ValueError(f"--attn_implementation applies to scBERT 2.0; scBERT v1 ({model_type!r}) has its own "
+                         "FAVOR+ linear attention. Leave the flag out for scBERT v1.")
+    return {"attn_implementation": attn_implementation}
+
+
+def save_model_folder(model, tokenizer: GeneExpressionTokenizer, folder: str | os.PathLike,
+                      accelerator: Accelerator | None = None) -> None:
+    """save_pretrained of model and tokenizer into one folder (safetensors + config + tokenizer + source files)."""
+    if accelerator is not None:
+        accelerator.wait_for_everyone()
+        if not accelerator.is_main_process:
+            return
+        model = accelerator.unwrap_model(model)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
