@@ -68,3 +68,15 @@ def test_key_errors_print_without_quotes():
     with pytest.raises(SystemExit) as exit_info:
         cli.run_command(lambda argv: (_ for _ in ()).throw(ValueError("bad value")), [])
     assert exit_info.value.code == 1
+
+
+def test_accelerate_launch_runs_the_module(baron_small, tmp_path):
+    """`accelerate launch -m train.pretrain` (no script path, no sys.path changes) trains and saves."""
+    baron_small.write_h5ad(tmp_path / "cells.h5ad")
+    result = run(sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
+                 "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "train.pretrain",
+                 "--data", str(tmp_path / "cells.h5ad"), "--architecture", "scbert2-tiny", "--max_length", "32",
+                 "--max_steps", "1", "--output_dir", str(tmp_path / "run"), "--cache_dir", str(tmp_path / "cache"),
+                 "--num_workers", "0", "--no_progress_bar")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "run" / "model" / "model.safetensors").exists()

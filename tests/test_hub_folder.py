@@ -92,14 +92,18 @@ def baron_vocabulary(baron):
     return list(baron.var_names[np.sort(np.argsort(-detected, kind="stable")[:1000])])
 
 
+CLASS_PRIOR, TAU = [0.6, 0.3, 0.1], 0.5  # a logit-adjusted classifier, as fine-tuning saves it by default
+
+
 def save_tiny_folders(vocabulary, root):
-    """A scBERT 2.0 and a scBERT v1 classifier folder (tokenizer included), saved by the package."""
+    """A scBERT 2.0 and a scBERT v1 logit-adjusted classifier folder (tokenizer included), saved by the package."""
     import modeling_scbert
     from tokenization import GeneExpressionTokenizer
 
     torch.manual_seed(0)
     tokenizer = GeneExpressionTokenizer(genes=vocabulary, mode="scbert2", max_length=64)
-    config = modeling_scbert.ScBert2Config.from_preset("scbert2-tiny", vocab_size=tokenizer.vocab_size, num_labels=3)
+    config = modeling_scbert.ScBert2Config.from_preset("scbert2-tiny", vocab_size=tokenizer.vocab_size, num_labels=3,
+                                                       class_prior=CLASS_PRIOR, logit_adjustment_tau=TAU)
     modeling_scbert.ScBert2ForSequenceClassification(config).save_pretrained(root / "scbert2")
     tokenizer.save_pretrained(root / "scbert2")
 
@@ -107,6 +111,7 @@ def save_tiny_folders(vocabulary, root):
     config = modeling_scbert.ScBertConfig(
         num_tokens=tokenizer.num_bins + 2, dim=16, depth=1, heads=2, dim_head=8, nb_features=8,
         max_seq_len=tokenizer.sequence_length, classifier_fc1_size=16, classifier_fc2_size=8, num_labels=3,
+        class_prior=CLASS_PRIOR, logit_adjustment_tau=TAU,
     )
     modeling_scbert.ScBertForSequenceClassification(config).save_pretrained(root / "scbert")
     tokenizer.save_pretrained(root / "scbert")
@@ -141,6 +146,17 @@ def test_saved_folders_load_as_remote_code_without_the_package(baron, baron_voca
         assert sorted(remote.files) == sorted(local)
         for key, value in local.items():
             np.testing.assert_allclose(remote[key], value, atol=1e-5, rtol=0, err_msg=f"{folder.name}: {key}")
+
+    # The remote classifiers applied the logit adjustment their config.json records: tau * log(prior) on top of the
+    # unadjusted logits.
+    for folder in folders:
+        assert json.loads((folder / "config.json").read_text())["logit_adjustment_tau"] == TAU
+        remote = np.load(out_dir / f"{folder.name}.npz")["baron.AutoModelForSequenceClassification"]
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        unadjusted = AutoModelForSequenceClassification.from_pretrained(folder, logit_adjustment_tau=0.0).eval()
+        with torch.no_grad():
+            plain = unadjusted(**tokenizer(ad.read_h5ad(cells_dir / "baron.h5ad"), return_tensors="pt")).logits.numpy()
+        np.testing.assert_allclose(remote - plain, np.broadcast_to(TAU * np.log(CLASS_PRIOR), plain.shape), atol=1e-5)
 
     # The Ensembl case went through both tables: nearly every gene the symbols found, it found by Ensembl id.
     from tokenization import GeneExpressionTokenizer

@@ -8,6 +8,7 @@ test); the crash test and DDP run real subprocesses. Everything uses a 150-cell 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import signal
@@ -1044,6 +1045,15 @@ def test_a_packed_and_a_padded_training_step_give_the_same_loss_and_gradients(ce
         padded_grad = padded_grads.get(name, torch.zeros_like(dict(model.named_parameters())[name]))
         packed_grad = packed_grads.get(name, torch.zeros_like(padded_grad))
         torch.testing.assert_close(packed_grad, padded_grad, atol=1e-5, rtol=0, msg=name)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or importlib.util.find_spec("flash_attn") is None,
+                    reason="flash_attention_2 training needs CUDA and the flash_attn package (none here)")
+def test_packed_pretraining_with_flash_attention_on_gpu(pretrain_data, tmp_path):
+    output = tmp_path / "run"
+    pretrain.main(pretrain_args(pretrain_data, output, "scbert2-tiny", "--max_steps", "2", "--logging_steps", "1",
+                                "--packed", "--attn_implementation", "flash_attention_2", "--mixed_precision", "bf16"))
+    assert all(np.isfinite(r["loss"]) for r in step_records(output))
 
 
 def test_pack_padded_batch_matches_the_tokenizers_packed_layout(cells):
