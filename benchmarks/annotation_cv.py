@@ -49,9 +49,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     name = args.name or Path(args.data).stem
-    args.label_key = args.label_key or BUNDLED_LABEL_KEYS.get(args.data, "cell_type1")
-    if args.data in BUNDLED_LABEL_KEYS:
-        args.data = str(write_bundled_dataset(args.data, Path(args.output_dir)))
+    resolve_data(args)
     extra = [a for a in args.finetune_args if a != "--"]
     source = ["--model", args.pretrained] if args.pretrained else ["--architecture", args.architecture]
     folds = []
@@ -87,6 +85,13 @@ def main(argv=None) -> dict:
     (results_dir / f"annotation_cv_{name}.md").write_text(table)
     print(table)
     return summary
+
+
+def resolve_data(args: argparse.Namespace) -> None:
+    """Sets ``args.label_key``'s default and turns a bundled data set's name into the path of its .h5ad."""
+    args.label_key = args.label_key or BUNDLED_LABEL_KEYS.get(args.data, "cell_type1")
+    if args.data in BUNDLED_LABEL_KEYS:
+        args.data = str(write_bundled_dataset(args.data, Path(args.output_dir)))
 
 
 def write_bundled_dataset(name: str, output_dir: Path) -> Path:

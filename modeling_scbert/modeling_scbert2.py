@@ -614,10 +614,12 @@ class ScBert2ForMaskedRegression(ScBert2PreTrainedModel):
 
 @dataclass
 class ScBert2SequenceClassifierOutput(SequenceClassifierOutput):
-    """[`~modeling_outputs.SequenceClassifierOutput`] plus the MoE `aux_loss` and `router_logits`."""
+    """[`~modeling_outputs.SequenceClassifierOutput`] plus the MoE `aux_loss` and `router_logits`, and
+    `pooled_output` `(num_cells, pooled_size)`: the cell embedding the classifier reads."""
 
     aux_loss: torch.FloatTensor | None = None
     router_logits: tuple[torch.FloatTensor, ...] | None = None
+    pooled_output: torch.FloatTensor | None = None
 
 
 def adjust_logits(logits: torch.Tensor, config) -> torch.Tensor:
@@ -744,6 +746,7 @@ class ScBert2ForSequenceClassification(ScBert2PreTrainedModel):
             attentions=outputs.attentions,
             aux_loss=outputs.aux_loss,
             router_logits=outputs.router_logits,
+            pooled_output=pooled_output,
         )
 
 

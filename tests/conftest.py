@@ -51,3 +51,15 @@ def pbmc():
     import scanpy as sc
 
     return sc.datasets.pbmc68k_reduced()
+
+
+@pytest.fixture
+def fresh_accelerate_state():
+    """AcceleratorState/GradientState are singletons: a second in-process run with other settings would fail."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()

@@ -32,6 +32,7 @@ from train.data import ClassificationCollator, LengthGroupedSampler, MaskedExpre
 from train.loop import EMA_FILE, STATE_FILE, build_optimizer, checkpoint_dirs, resolve_checkpoint
 from train.metrics import balanced_log_loss, classification_metrics
 
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = ROOT / "train" / "accelerate_configs"
 N_CELLS, N_GENES = 150, 300
@@ -55,18 +56,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    """AcceleratorState/GradientState are singletons: a second in-process run with other settings would fail."""
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
 
 
 def _top_genes(adata, n_genes: int) -> np.ndarray:
@@ -886,21 +875,35 @@ def test_classification_metrics_name_every_class_and_each_mistake():
     assert metrics["macro_f1"] == pytest.approx((2 / 3 + 0.5 + 2 / 3) / 3)  # over the classes present
 
 
-def test_main_job_pretrains_and_finetunes_on_highly_variable_genes(finetune_data, tmp_path, capsys):
+def test_main_job_starts_from_a_pretrained_folder_and_annotates_every_cell(pretrain_data, finetune_data, tmp_path,
+                                                                         capsys):
+    import anndata as ad
+
     from train import main as main_job
 
+    pretrained = pretrain.main(pretrain_args(pretrain_data, tmp_path / "pt", "scbert2-tiny", "--max_steps", "2"))
     output = tmp_path / "main"
-    results = main_job.main(["--data", str(finetune_data), "--architecture", "scbert2-tiny", "--output_dir", str(output),
-                             "--pretrain_epochs", "1", "--finetune_epochs", "1", "--max_length", "64",
-                             "--highly_variable_genes", "40"])
+    with pytest.raises(FileNotFoundError, match="is not a model folder"):
+        main_job.main(["--data", str(finetune_data), "--model", str(tmp_path), "--output_dir", str(output)])
+    results = main_job.main(["--data", str(finetune_data), "--model", str(pretrained), "--output_dir", str(output),
+                             "--pretrain_epochs", "1", "--finetune_epochs", "1", "--highly_variable_genes", "40"])
     folder = output / "model"
     model = AutoModelForSequenceClassification.from_pretrained(folder)
     assert model.config.id2label == dict(enumerate(sorted(FINETUNE_CLASSES)))
     assert json.loads((folder / "results.json").read_text()) == json.loads(json.dumps(results))
     assert results["pretrain"]["steps"] > 0 and "baseline_logistic_regression_l1" in results
-    for stage in (output / "pretrain" / "model", folder):  # each stage selects on its own (training) cells
-        assert 40 <= len(GeneExpressionTokenizer.from_pretrained(stage).selected_genes) <= 80
+    assert results["pretrained_from"] == str(output / "pretrain" / "model")  # continued pretraining, then fine-tuning
+    assert 40 <= len(GeneExpressionTokenizer.from_pretrained(folder).selected_genes) <= 80
     assert not any(name.endswith((".bin", ".pt", ".pkl")) for name in os.listdir(folder))  # safetensors only
+    # Every input cell, in order, with its prediction, confidence, split and embedding; and the UMAP.
+    annotated, original = ad.read_h5ad(output / "annotated.h5ad"), ad.read_h5ad(finetune_data)
+    assert list(annotated.obs_names) == list(original.obs_names)
+    assert set(annotated.obs["scbert_cell_type"]) <= set(FINETUNE_CLASSES)
+    assert ((annotated.obs["scbert_confidence"] > 0) & (annotated.obs["scbert_confidence"] <= 1)).all()
+    split = annotated.obs["scbert_split"].value_counts().to_dict()
+    assert split == {part: results["split"][part] for part in ("train", "validation", "test")}
+    assert annotated.obsm["X_scbert"].shape == (original.n_obs, 2 * model.config.hidden_size)  # mean_max pooling
+    assert (output / "umap.png").stat().st_size > 10_000
     assert "Hub-ready folder" in capsys.readouterr().out
 
 
@@ -1158,3 +1161,26 @@ def test_min_overlap_flag_reaches_the_tokenizer(pretrain_data, tmp_path):
         pretrain.main(args)
     pretrain.main(args + ["--min_overlap", "0.2"])
     assert GeneExpressionTokenizer.from_pretrained(tmp_path / "more" / "model").min_overlap == 0.2
+
+
+def test_few_shot_split_draws_k_cells_per_type_and_tests_on_the_rest():
+    labels = np.repeat([0, 1, 2], [40, 10, 5])
+    split = finetune.few_shot_split(labels, 5, seed=3)
+    assert np.bincount(labels[split["train"]]).tolist() == [5, 5, 2]  # capped at half of a type's cells
+    assert np.array_equal(split["validation"], split["train"])  # no cells to spare: training cells stand in
+    assert np.array_equal(np.sort(np.concatenate([split["train"], split["test"]])), np.arange(len(labels)))
+    assert np.array_equal(finetune.few_shot_split(labels, 5, seed=3)["train"], split["train"])
+    assert not np.array_equal(finetune.few_shot_split(labels, 5, seed=4)["train"], split["train"])
+    with pytest.raises(ValueError, match="--labelled_per_class must be >= 1"):
+        finetune.few_shot_split(labels, 0, seed=0)
+
+
+def test_few_shot_finetuning_selects_genes_on_all_cells_and_reports_the_split(finetune_data, tmp_path):
+    output = tmp_path / "few"
+    results = finetune.main(finetune_args(finetune_data, output, "--architecture", "scbert2-tiny",
+                                          "--labelled_per_class", "4", "--num_epochs", "2"))
+    assert results["split"]["train"] == 12 and results["split"]["test"] == 3 * CELLS_PER_CLASS - 12
+    assert results["split"]["train_per_class"] == {name: 4 for name in FINETUNE_CLASSES}
+    assert results["baseline_logistic_regression_l1"]["accuracy"] >= 0
+    split = json.loads((output / "split.json").read_text())
+    assert not set(split["train"]) & set(split["test"])

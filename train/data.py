@@ -231,6 +231,13 @@ def pack_padded_batch(batch: dict[str, torch.Tensor]) -> dict[str, Any]:
     return packed
 
 
+def tokens_in_batch(batch: dict[str, Any]) -> int:
+    """Number of real (non-padding) tokens of a padded batch or a packed row."""
+    if "attention_mask" in batch:
+        return int(batch["attention_mask"].sum())
+    return int(batch["input_ids"].numel())
+
+
 def cells_in_batch(batch: dict[str, Any]) -> int:
     """Number of cells of a padded batch or a packed row."""
     if "cu_seq_lens_q" in batch:
@@ -265,12 +272,16 @@ class MaskedExpressionCollator(_SeededCollator):
     gene tokens get ``value_mask``: the model sees the gene but not its value and predicts its bin and value.
     scBERT v1: as in scBERT's pretrain.py, 15% of the non-zero bins are chosen, 90% of those replaced by the mask token.
 
+    With ``panels`` (token ids measured by each corpus file, see `train.corpus`), a cell carrying ``"panel"`` draws
+    its unexpressed genes from its own file's panel: a gene its file did not measure is not an observed zero.
+
     When the cells carry their dataset row number (``"index"``, added by `make_loader`), a batch's generators are
     seeded by (``seed``, epoch, row numbers); without them, fresh entropy and torch's global generator are used.
     """
 
     def __init__(self, tokenizer: GeneExpressionTokenizer, mask_probability: float = 0.15,
-                 replace_probability: float = 0.9, seed: int = 0, zero_fraction: float = 0.0, packed: bool = False):
+                 replace_probability: float = 0.9, seed: int = 0, zero_fraction: float = 0.0, packed: bool = False,
+                 panels: list[np.ndarray] | None = None):
         super().__init__(tokenizer, seed, packed)
         if not 0 < mask_probability < 1:
             raise ValueError(f"mask_probability must be in (0, 1), got {mask_probability}.")
@@ -281,6 +292,7 @@ class MaskedExpressionCollator(_SeededCollator):
         self.mask_probability = mask_probability
         self.replace_probability = replace_probability
         self.zero_fraction = zero_fraction
+        self.panels = panels
 
     def __call__(self, cells: list[dict[str, Any]]) -> dict[str, Any]:
         batch_seed = seed_for_batch(self.seed, self.epoch, cells)
@@ -323,6 +335,8 @@ class MaskedExpressionCollator(_SeededCollator):
                 ids, values = ids[selected], values[selected]
             else:
                 pool = np.setdiff1d(np.arange(self.tokenizer.num_special_tokens, self.tokenizer.vocab_size), pool)
+        if self.panels is not None and "panel" in cell:
+            pool = np.intersect1d(pool, self.panels[int(cell["panel"])], assume_unique=True)
         unexpressed = np.setdiff1d(pool, ids, assume_unique=True)
         n_zeros = min(int(round(self.zero_fraction * len(ids))), len(unexpressed))
         zeros = rng.choice(unexpressed, size=n_zeros, replace=False)

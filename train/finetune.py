@@ -62,6 +62,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--validation_size", type=float, default=0.1)
     parser.add_argument("--kfold", type=int, default=None, help="use fold --fold of a stratified k-fold as test set")
     parser.add_argument("--fold", type=int, default=0)
+    parser.add_argument("--labelled_per_class", type=int, default=None,
+                        help="few-shot: K randomly drawn cells per type (at most half of a type's cells) are the "
+                             "labelled training cells, every other cell is a test cell. Too few cells to spare for "
+                             "validation: the training cells stand in for it (early stopping, tau, the baseline's C), "
+                             "and the unsupervised choices (highly variable genes, SVD gene table) use all cells, "
+                             "whose labels are never read")
     parser.add_argument("--class_sampling", choices=["none", "balanced"], default="balanced",
                         help="balanced: every epoch draws each class equally often (with replacement), so a rare "
                              "type's few cells are seen many times, each time with a different --gene_dropout")
@@ -119,6 +125,8 @@ def split_cells(labels: np.ndarray, names: list[str], args: argparse.Namespace) 
             "the classes first."
         )
     indices = np.arange(len(labels))
+    if args.labelled_per_class is not None:
+        return few_shot_split(labels, args.labelled_per_class, args.seed)
     if args.kfold:
         if not 0 <= args.fold < args.kfold:
             raise ValueError(f"--fold must be in [0, {args.kfold}), got {args.fold}.")
@@ -136,6 +144,18 @@ def split_cells(labels: np.ndarray, names: list[str], args: argparse.Namespace) 
                          f"{dict(zip(names, counts.tolist()))}). Give those classes more cells, merge or remove them, "
                          "or lower --test_size / --validation_size.")
     return {"train": np.sort(train), "validation": np.sort(validation), "test": np.sort(test)}
+
+
+def few_shot_split(labels: np.ndarray, per_class: int, seed: int) -> dict[str, np.ndarray]:
+    """``per_class`` random cells of each type (at most half of its cells) for training (and, standing in, for
+    validation); every other cell for testing."""
+    if per_class < 1:
+        raise ValueError(f"--labelled_per_class must be >= 1, got {per_class}.")
+    rng = np.random.default_rng(seed)
+    train = np.concatenate([rng.choice(np.flatnonzero(labels == c), min(per_class, int((labels == c).sum()) // 2),
+                                       replace=False) for c in np.unique(labels)])
+    train = np.sort(train)
+    return {"train": train, "validation": train, "test": np.setdiff1d(np.arange(len(labels)), train)}
 
 
 def logistic_regression_baseline(features, labels: np.ndarray, names: list[str], split: dict[str, np.ndarray],
@@ -233,8 +253,9 @@ def main(argv=None) -> dict:
     labels = np.asarray(dataset["label"])
     split = split_cells(labels, names, args)
     cells = {part: dataset.select(rows) for part, rows in split.items()}
-    select_highly_variable_genes(tokenizer, cells["train"], args)
-    model = build_classifier(args, tokenizer, names, cells["train"])
+    unlabelled = dataset if args.labelled_per_class is not None else cells["train"]
+    select_highly_variable_genes(tokenizer, unlabelled, args)
+    model = build_classifier(args, tokenizer, names, unlabelled)
 
     counts = np.bincount(labels[split["train"]], minlength=len(names)).astype(np.float64)
     compute_loss = model_loss
@@ -271,7 +292,10 @@ def main(argv=None) -> dict:
         "label_key": args.label_key,
         "model_type": model.config.model_type,
         "pretrained_from": args.model,
-        "split": {k: int(len(v)) for k, v in split.items()} | ({"kfold": args.kfold, "fold": args.fold} if args.kfold else {}),
+        "split": {k: int(len(v)) for k, v in split.items()} | ({"kfold": args.kfold, "fold": args.fold} if args.kfold else {})
+                 | ({"labelled_per_class": args.labelled_per_class, "train_per_class": dict(zip(
+                     names, np.bincount(labels[split["train"]], minlength=len(names)).tolist()))}
+                    if args.labelled_per_class is not None else {}),
         "num_classes": len(names),
         "model": {**classification_metrics(y, logits.argmax(-1), names), "train_seconds": result.seconds,
                   "steps": result.step, "epoch_kept": result.best_epoch,
@@ -284,6 +308,7 @@ def main(argv=None) -> dict:
                                                                                    tuple(args.baseline_C))
     if accelerator.is_main_process:
         (Path(args.output_dir) / "results.json").write_text(json.dumps(results, indent=2))
+        (Path(args.output_dir) / "split.json").write_text(json.dumps({k: v.tolist() for k, v in split.items()}))
         print_results(results, Path(args.output_dir))
     accelerator.end_training()
     return results

@@ -30,7 +30,7 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 from transformers import Adafactor, get_cosine_schedule_with_warmup
 
-from train.data import cells_in_batch
+from train.data import cells_in_batch, tokens_in_batch
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 STATE_FILE = "training_state.json"
@@ -66,6 +66,8 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
                        help="'latest' or a checkpoint folder; only a checkpoint of the same data, architecture and "
                             "vocabulary is resumed, any other is refused with the mismatch named")
     group.add_argument("--logging_steps", type=int, default=10)
+    group.add_argument("--eval_steps", type=int, default=None,
+                       help="also evaluate (and log) every N optimizer steps, besides after every epoch")
     group.add_argument("--num_workers", type=int, default=1, help="DataLoader worker processes")
     group.add_argument("--cache_dir", default=None,
                        help="where tokenized Arrow datasets are cached (default: HF_DATASETS_CACHE/scbert)")
@@ -353,7 +355,7 @@ def train_loop(
             collate_fn.set_epoch(epoch)
         skip = state["batches_done"] if epoch == first_epoch else 0
         loader = accelerator.skip_first_batches(train_loader, skip) if skip else train_loader
-        window_start, window_cells, batch_index = time.perf_counter(), 0, skip
+        window_start, window_cells, window_tokens, batch_index = time.perf_counter(), 0, 0, skip
         for batch in loader:
             batch_index += 1
             with accelerator.accumulate(model):
@@ -365,6 +367,7 @@ def train_loop(
                 scheduler.step()
                 optimizer.zero_grad()
             window_cells += cells_in_batch(batch) * accelerator.num_processes
+            window_tokens += tokens_in_batch(batch) * accelerator.num_processes
             if not accelerator.sync_gradients:
                 continue
             step += 1
@@ -372,12 +375,17 @@ def train_loop(
                 ema.update_parameters(accelerator.unwrap_model(model))
             if progress is not None:
                 progress.update(1)
-                progress.set_postfix(loss=f"{loss.item():.4f}")
             if step % args.logging_steps == 0 or step == max_steps:
-                rate = window_cells / max(time.perf_counter() - window_start, 1e-9)
+                seconds = max(time.perf_counter() - window_start, 1e-9)
                 accelerator.log({**_loss_parts(outputs), "loss": loss.item(), "lr": scheduler.get_last_lr()[0],
-                                 "epoch": epoch, "cells_per_second": rate}, step=step)
-                window_start, window_cells = time.perf_counter(), 0
+                                 "epoch": epoch, "cells_per_second": window_cells / seconds,
+                                 "tokens_per_second": window_tokens / seconds}, step=step)
+                if progress is not None:
+                    progress.set_postfix(loss=f"{loss.item():.4f}", cells_s=f"{window_cells / seconds:.0f}",
+                                         tokens_s=f"{window_tokens / seconds:.0f}")
+                window_start, window_cells, window_tokens = time.perf_counter(), 0, 0
+            if evaluate is not None and args.eval_steps and step % args.eval_steps == 0:
+                _log_evaluation(accelerator, model, ema, evaluate, step)
             if args.checkpointing_steps and step % args.checkpointing_steps == 0:
                 checkpoints.save({"step": step, "epoch": epoch, "batches_done": batch_index,
                                   "best_metric": early_stopping.best if early_stopping else None,
@@ -407,13 +415,20 @@ def _progress_bar(accelerator: Accelerator, args: argparse.Namespace, total: int
     return tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True)
 
 
+def _log_evaluation(accelerator: Accelerator, model, ema, evaluate: Callable, step: int, label: str = "") -> dict:
+    """Evaluates the weight average (if kept) or the model, logs the metrics and prints them."""
+    metrics = evaluate(model if ema is None else ema.module)
+    model.train()
+    accelerator.log({f"eval_{k}": v for k, v in metrics.items()}, step=step)
+    accelerator.print(f"{label or f'step {step}'}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+    return metrics
+
+
 def _evaluate_epoch(accelerator: Accelerator, model, ema, evaluate: Callable, early_stopping: EarlyStopping | None,
                     epoch: int, step: int) -> bool:
     """Evaluates (the weight average, if kept) after an epoch and logs it; True when early stopping says stop."""
     evaluated = accelerator.unwrap_model(model) if ema is None else ema.module
-    metrics = evaluate(model if ema is None else ema.module)
-    accelerator.log({f"eval_{k}": v for k, v in metrics.items()}, step=step)
-    accelerator.print(f"epoch {epoch}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+    metrics = _log_evaluation(accelerator, model, ema, evaluate, step, f"epoch {epoch}")
     if early_stopping is None or not early_stopping.update(metrics, evaluated, epoch):
         return False
     accelerator.print(f"Early stopping: no {early_stopping.metric} improvement in {early_stopping.patience} epochs.")

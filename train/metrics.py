@@ -55,3 +55,32 @@ def balanced_log_loss(labels: np.ndarray, logits: np.ndarray) -> float:
     log_probabilities = torch.log_softmax(torch.as_tensor(logits, dtype=torch.float64), dim=-1)
     losses = -log_probabilities[torch.arange(len(labels)), torch.as_tensor(labels)].numpy()
     return float(np.mean([losses[labels == c].mean() for c in np.unique(labels)]))
+
+
+@torch.inference_mode()
+def masked_expression_metrics(accelerator: Accelerator, model: torch.nn.Module, dataset, collate_fn: Callable,
+                              batch_size: int) -> dict[str, float]:
+    """Held-out pretraining metrics over the masked tokens: scBERT 2.0's bin accuracy, bin cross-entropy and value
+    MSE, or scBERT v1's masked-token accuracy and cross-entropy. ``collate_fn`` should be seeded so the masks are the
+    same at every evaluation."""
+    loader = accelerator.prepare(make_loader(dataset, collate_fn, batch_size, False, 0, 0))
+    model.eval()
+    totals = {"tokens": 0.0, "correct": 0.0, "cross_entropy": 0.0, "squared_error": 0.0}
+    for batch in loader:
+        outputs = model(**batch)
+        targets = batch["labels"] != -100
+        logits = outputs.bin_logits if hasattr(outputs, "bin_logits") else outputs.logits
+        tokens = targets.sum()
+        stats = {"tokens": tokens, "correct": ((logits.argmax(-1) == batch["labels"]) & targets).sum()}
+        stats["cross_entropy"] = torch.nn.functional.cross_entropy(
+            logits[targets].float(), batch["labels"][targets], reduction="sum")
+        if getattr(outputs, "value_predictions", None) is not None:
+            errors = (outputs.value_predictions.float() - batch["value_labels"].float()) ** 2
+            stats["squared_error"] = errors[targets].sum()
+        for key, value in stats.items():
+            totals[key] += float(accelerator.reduce(torch.as_tensor(value, device=accelerator.device).float(), "sum"))
+    tokens = max(totals["tokens"], 1.0)
+    metrics = {"masked_accuracy": totals["correct"] / tokens, "masked_cross_entropy": totals["cross_entropy"] / tokens}
+    if totals["squared_error"]:
+        metrics["masked_value_mse"] = totals["squared_error"] / tokens
+    return metrics

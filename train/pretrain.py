@@ -1,9 +1,14 @@
 """Pretraining: scBERT 2.0 masked regression (bin + value of hidden genes) or scBERT's masked language modelling.
 
     scbert pretrain --data cells.h5ad --architecture scbert2-moe --output_dir runs/pretrain
+    scbert pretrain --corpus ../shared/data/pretrain papalexi.h5ad --architecture scbert2-small --output_dir runs/pt
     accelerate launch -m train.pretrain --data cells.h5ad --model runs/pretrain/model --output_dir runs/more  # continue
 
-The final model and tokenizer are written to OUTPUT_DIR/model, loadable with AutoModelForMaskedLM.
+--data tokenizes the files under the first file's genes. --corpus builds a pretraining corpus instead (train/corpus.py):
+QC of every file with scanpy, one vocabulary of human symbols (mouse genes through orthologs), unexpressed genes
+drawn from each file's own panel, and a held-out share of the cells scored during training (masked-bin accuracy and
+cross-entropy, masked-value MSE). The final model and tokenizer are written to OUTPUT_DIR/model, loadable with
+AutoModelForMaskedLM.
 """
 
 from __future__ import annotations
@@ -17,9 +22,11 @@ from transformers import AutoModelForMaskedLM
 
 from tokenization import GeneExpressionTokenizer
 from train.cli import run_command
+from train.corpus import QCSettings, build_corpus, corpus_files
 from train.data import MaskedExpressionCollator, load_tokenized_dataset, make_loader, read_h5ad, training_fingerprint
 from train.genes import initialise_gene_embeddings, select_highly_variable_genes
 from train.loop import add_training_arguments, make_accelerator, run_identity, train_loop
+from train.metrics import masked_expression_metrics
 from train.models import (
     architecture_config,
     architecture_mode,
@@ -33,7 +40,9 @@ from train.models import (
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="scbert pretrain", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", nargs="+", required=True, help=".h5ad files, or one saved datasets folder")
+    cells = parser.add_mutually_exclusive_group(required=True)
+    cells.add_argument("--data", nargs="+", help=".h5ad files, or one saved datasets folder")
+    cells.add_argument("--corpus", nargs="+", help="a pretraining corpus: .h5ad files of raw counts and/or folders of them")
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--model", help="a pretrained folder to continue from (its tokenizer is used)")
     source.add_argument("--architecture", default="scbert2-moe",
@@ -44,6 +53,23 @@ def build_parser() -> argparse.ArgumentParser:
                              "drawn per batch (0 for scBERT v1, which sees every gene)")
     parser.add_argument("--mask_probability", type=float, default=0.15)
     parser.add_argument("--gene_key", default=None, help="var column with gene names (default: var_names)")
+    qc = parser.add_argument_group("corpus (--corpus)")
+    defaults = QCSettings()
+    qc.add_argument("--min_genes", type=int, default=defaults.min_genes, help="QC: least expressed genes per cell")
+    qc.add_argument("--min_genes_targeted", type=int, default=defaults.min_genes_targeted,
+                    help="QC: least expressed genes per cell of a targeted panel (a file of fewer than "
+                         "--targeted_panel_genes genes)")
+    qc.add_argument("--targeted_panel_genes", type=int, default=defaults.targeted_panel_genes)
+    qc.add_argument("--max_mito_pct", type=float, default=defaults.max_mito_pct,
+                    help="QC: most mitochondrial share of a cell's counts, in per cent")
+    qc.add_argument("--min_cells", type=int, default=defaults.min_cells, help="QC: least cells expressing a gene")
+    qc.add_argument("--min_cells_per_vocab_gene", type=int, default=defaults.min_cells_per_vocab_gene,
+                    help="vocabulary: least corpus cells expressing a gene")
+    qc.add_argument("--min_panel_genes", type=int, default=defaults.min_panel_genes,
+                    help="refuse a file sharing fewer genes with the vocabulary")
+    qc.add_argument("--corpus_values", choices=["counts", "normalized"], default=defaults.values,
+                    help="what the corpus files hold; a file holding the other is refused")
+    qc.add_argument("--held_out", type=float, default=0.05, help="share of corpus cells held out and scored")
     add_training_arguments(parser)
     parser.set_defaults(num_epochs=3)
     return parser
@@ -53,37 +79,88 @@ def parse_args(argv=None) -> argparse.Namespace:
     return build_parser().parse_args(argv)
 
 
+def qc_settings(args: argparse.Namespace) -> QCSettings:
+    return QCSettings(min_genes=args.min_genes, min_genes_targeted=args.min_genes_targeted,
+                      targeted_panel_genes=args.targeted_panel_genes, max_mito_pct=args.max_mito_pct,
+                      min_cells=args.min_cells, min_cells_per_vocab_gene=args.min_cells_per_vocab_gene,
+                      min_panel_genes=args.min_panel_genes, values=args.corpus_values)
+
+
+def load_cells(args: argparse.Namespace, accelerator, tokenizer: GeneExpressionTokenizer | None):
+    """The tokenizer (``tokenizer``, the corpus's or a new one), the tokenized cells, each file's panel (corpus
+    only) and the corpus report."""
+    if args.corpus:
+        if args.model:
+            raise ValueError("--corpus builds a new vocabulary; to continue a pretrained --model, pass --data.")
+        if architecture_mode(args.architecture) != "scbert2":
+            raise ValueError(f"--corpus pretrains scBERT 2.0 (scbert2-*); {args.architecture!r} is scBERT v1, which "
+                             "reads one fixed gene panel: pretrain it with --data on files of that panel.")
+        with accelerator.main_process_first():
+            corpus = build_corpus(args.corpus, qc_settings(args), args.max_length, args.cache_dir, accelerator.print)
+        return corpus.tokenizer, corpus.dataset, corpus.panels, corpus.report
+    if tokenizer is None:
+        tokenizer = GeneExpressionTokenizer.from_adata(read_h5ad(args.data[0]), gene_key=args.gene_key,
+                                                       mode=architecture_mode(args.architecture),
+                                                       max_length=args.max_length, **tokenizer_overrides(args))
+    with accelerator.main_process_first():
+        dataset = load_tokenized_dataset(args.data, tokenizer, cache_dir=args.cache_dir)
+    return tokenizer, dataset, None, None
+
+
+def split_held_out(dataset, share: float, seed: int):
+    """(training cells, held-out cells or None)."""
+    if not share:
+        return dataset, None
+    if not 0 < share < 0.5:
+        raise ValueError(f"--held_out must be in [0, 0.5), got {share}.")
+    parts = dataset.train_test_split(test_size=share, seed=seed)
+    return parts["train"], parts["test"]
+
+
 def main(argv=None) -> Path:
     args = parse_args(argv)
     accelerator = make_accelerator(args, "pretrain")
     set_seed(args.seed)
+    config, tokenizer = load_pretrained_folder(args.model, **tokenizer_overrides(args)) if args.model else (None, None)
+    tokenizer, dataset, panels, corpus_report = load_cells(args, accelerator, tokenizer)
     if args.model:
-        config, tokenizer = load_pretrained_folder(args.model, **tokenizer_overrides(args))
         model = AutoModelForMaskedLM.from_pretrained(args.model, **attention_kwargs(config.model_type,
                                                                                     args.attn_implementation))
     else:
-        tokenizer = GeneExpressionTokenizer.from_adata(read_h5ad(args.data[0]), gene_key=args.gene_key,
-                                                       mode=architecture_mode(args.architecture),
-                                                       max_length=args.max_length, **tokenizer_overrides(args))
         config = architecture_config(args.architecture, tokenizer)
         model = AutoModelForMaskedLM.from_config(config, **attention_kwargs(config.model_type, args.attn_implementation))
-    with accelerator.main_process_first():
-        dataset = load_tokenized_dataset(args.data, tokenizer, cache_dir=args.cache_dir)
-    select_highly_variable_genes(tokenizer, dataset, args)
+    train_cells, held_out = split_held_out(dataset, args.held_out if args.corpus else 0.0, args.seed)
+    select_highly_variable_genes(tokenizer, train_cells, args)
     if not args.model:
-        initialise_gene_embeddings(model, dataset, tokenizer, args)
+        initialise_gene_embeddings(model, train_cells, tokenizer, args)
     n_parameters = sum(p.numel() for p in model.parameters())
-    accelerator.print(f"Pretraining {config.model_type} ({n_parameters / 1e6:.2f}M parameters) on {len(dataset):,} cells.")
+    accelerator.print(f"Pretraining {config.model_type} ({n_parameters / 1e6:.2f}M parameters) on "
+                      f"{len(train_cells):,} cells" + (f", {len(held_out):,} held out." if held_out else "."))
     zero_fraction = args.zero_fraction if tokenizer.mode == "scbert2" else 0.0
     collator = MaskedExpressionCollator(tokenizer, args.mask_probability, seed=args.seed, zero_fraction=zero_fraction,
-                                        packed=args.packed)
-    loader = make_loader(dataset, collator, args.per_device_batch_size, True, args.seed, args.num_workers)
-    identity = run_identity(training_fingerprint(args.data, dataset, tokenizer), model, tokenizer.get_vocab())
-    result = train_loop(accelerator, model, loader, args, identity=identity)
+                                        packed=args.packed, panels=panels)
+    loader = make_loader(train_cells, collator, args.per_device_batch_size, True, args.seed, args.num_workers)
+    evaluate = None
+    if held_out is not None:
+        # Another seed than training's, fixed: every evaluation scores the same masks.
+        eval_collator = MaskedExpressionCollator(tokenizer, args.mask_probability, seed=args.seed + 1,
+                                                 zero_fraction=zero_fraction, panels=panels)
+        evaluate = lambda m: masked_expression_metrics(accelerator, m, held_out, eval_collator,  # noqa: E731
+                                                       args.per_device_batch_size)
+    sources = corpus_files(args.corpus) if args.corpus else args.data
+    identity = run_identity(training_fingerprint([str(s) for s in sources], train_cells, tokenizer), model,
+                            tokenizer.get_vocab())
+    result = train_loop(accelerator, model, loader, args, evaluate=evaluate, identity=identity)
     output = Path(args.output_dir) / "model"
     save_model_folder(model, tokenizer, output, accelerator)
     if accelerator.is_main_process:
-        summary = {"steps": result.step, "seconds": result.seconds, "cells": len(dataset), "parameters": n_parameters}
+        summary = {"steps": result.step, "seconds": result.seconds, "cells": len(train_cells), "parameters": n_parameters,
+                   "held_out_cells": len(held_out) if held_out is not None else 0}
+        if evaluate is not None:
+            summary["held_out"] = evaluate(accelerator.unwrap_model(model))
+        if corpus_report is not None:
+            summary["corpus"] = corpus_report
+            (output / "pretraining_corpus.json").write_text(json.dumps(corpus_report, indent=2))
         (Path(args.output_dir) / "pretrain_summary.json").write_text(json.dumps(summary, indent=2))
         accelerator.print(f"Saved {output} after {result.step} steps in {result.seconds:.0f} s.")
     accelerator.end_training()

@@ -1,0 +1,143 @@
+"""Label efficiency: fine-tuned from the pretrained checkpoint vs the same model from scratch vs L1 logistic
+regression, with k labelled cells per type and every other cell as the test set.
+
+    python benchmarks/label_efficiency.py                                    # Baron mouse, k = 3 5 10 25, 3 draws
+    python benchmarks/label_efficiency.py --k 3 10 --draws 2 --data pbmc68k_reduced
+
+Each (k, draw) runs `python -m train.finetune --labelled_per_class k --seed draw` twice, once from the checkpoint and
+once from scratch (same labelled cells: the draw is seeded), so the three methods see the same cells. Every run
+trains for about --steps optimizer steps (k labelled cells give few batches per epoch). Writes
+benchmarks/results/label_efficiency/label_efficiency_<name>.json, .md and .png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks.annotation_cv import class_counts, resolve_data
+
+ROOT = Path(__file__).resolve().parents[1]
+BARON = ROOT.parent / "shared" / "data" / "celltype" / "baron_mouse_pancreas.h5ad"
+CHECKPOINT = ROOT / "checkpoints" / "scbert2-small"
+METHODS = ("pretrained", "scratch", "baseline")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", default=str(BARON))
+    parser.add_argument("--label_key", default=None)
+    parser.add_argument("--name", default=None)
+    parser.add_argument("--pretrained", default=str(CHECKPOINT))
+    parser.add_argument("--architecture", default=None, help="from scratch: default the checkpoint's preset")
+    parser.add_argument("--k", type=int, nargs="+", default=[3, 5, 10, 25])
+    parser.add_argument("--draws", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=300, help="optimizer steps per run, about")
+    parser.add_argument("--batch_size", type=int, default=16)
+    parser.add_argument("--output_dir", default=str(ROOT / "outputs" / "label_efficiency"))
+    parser.add_argument("--results_dir", default=str(ROOT / "benchmarks" / "results" / "label_efficiency"))
+    parser.add_argument("finetune_args", nargs=argparse.REMAINDER, help="after '--': extra train.finetune flags")
+    return parser.parse_args(argv)
+
+
+def epochs_for(k: int, counts: dict[str, int], steps: int, batch_size: int) -> int:
+    labelled = sum(min(k, n // 2) for n in counts.values())
+    return max(1, math.ceil(steps / math.ceil(labelled / batch_size)))
+
+
+def run(args, k: int, draw: int, source: list[str], out: Path, epochs: int, extra: list[str]) -> dict:
+    command = [sys.executable, "-m", "train.finetune", "--data", args.data, "--label_key", args.label_key,
+               "--labelled_per_class", str(k), "--seed", str(draw), "--num_epochs", str(epochs),
+               "--per_device_batch_size", str(args.batch_size), "--output_dir", str(out), "--no_progress_bar",
+               *source, *extra]
+    print("$ " + " ".join(command), flush=True)
+    subprocess.run(command, check=True, cwd=ROOT)
+    return json.loads((out / "results.json").read_text())
+
+
+def summarise(runs: list[dict]) -> dict:
+    table = {}
+    for k in sorted({r["k"] for r in runs}):
+        table[k] = {}
+        for method in METHODS:
+            for metric in ("macro_f1", "accuracy"):
+                values = np.array([r[method][metric] for r in runs if r["k"] == k])
+                table[k][f"{method}_{metric}"] = {"mean": float(values.mean()), "std": float(values.std()),
+                                                  "values": values.tolist()}
+    return table
+
+
+def write_report(summary: dict, path: Path) -> None:
+    lines = [f"# Label efficiency: {Path(summary['data']).name}", "",
+             f"k labelled cells per type (at most half of a type), every other cell tested; {summary['draws']} draws "
+             f"each; checkpoint `{summary['pretrained']}`; {summary['wall_seconds'] / 60:.1f} min on "
+             f"{summary['machine']['platform']}.", "",
+             "| k | pretrained macro-F1 | from scratch | logistic regression | pretrained accuracy | scratch | LR |",
+             "|---|---|---|---|---|---|---|"]
+    for k, row in summary["table"].items():
+        cells = [f"{row[f'{m}_macro_f1']['mean']:.3f} ± {row[f'{m}_macro_f1']['std']:.3f}" for m in METHODS]
+        cells += [f"{row[f'{m}_accuracy']['mean']:.3f}" for m in METHODS]
+        lines.append(f"| {k} | " + " | ".join(cells) + " |")
+    path.with_suffix(".md").write_text("\n".join(lines) + "\n")
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ks = [int(k) for k in summary["table"]]
+    figure, axis = plt.subplots(figsize=(5, 3.5))
+    for method, label in zip(METHODS, ("pretrained + fine-tuned", "from scratch", "L1 logistic regression")):
+        means = np.array([summary["table"][k][f"{method}_macro_f1"]["mean"] for k in summary["table"]])
+        stds = np.array([summary["table"][k][f"{method}_macro_f1"]["std"] for k in summary["table"]])
+        axis.errorbar(ks, means, yerr=stds, marker="o", capsize=3, label=label)
+    axis.set(xscale="log", xticks=ks, xticklabels=[str(k) for k in ks], xlabel="labelled cells per type",
+             ylabel="macro-F1 (test cells)", title=Path(summary["data"]).stem)
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path.with_suffix(".png"), dpi=120)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    name = args.name or Path(args.data).stem
+    resolve_data(args)
+    architecture = args.architecture or json.loads((Path(args.pretrained) / "release.json").read_text()).get(
+        "architecture", "scbert2-small")
+    extra = [a for a in args.finetune_args if a != "--"]
+    counts = class_counts(args.data, args.label_key)
+    start, runs = time.perf_counter(), []
+    for k in args.k:
+        epochs = epochs_for(k, counts, args.steps, args.batch_size)
+        for draw in range(args.draws):
+            out = Path(args.output_dir) / name / f"k{k}" / f"draw{draw}"
+            pretrained = run(args, k, draw, ["--model", args.pretrained], out / "pretrained", epochs, extra)
+            scratch = run(args, k, draw, ["--architecture", architecture, "--no_baseline"], out / "scratch", epochs,
+                          extra)
+            runs.append({"k": k, "draw": draw, "epochs": epochs, "train_cells": pretrained["split"]["train"],
+                         "test_cells": pretrained["split"]["test"], "pretrained": pretrained["model"],
+                         "scratch": scratch["model"], "baseline": pretrained["baseline_logistic_regression_l1"]})
+    summary = {"data": args.data, "label_key": args.label_key, "pretrained": args.pretrained,
+               "architecture_from_scratch": architecture, "draws": args.draws, "steps": args.steps,
+               "finetune_args": extra, "class_counts": counts, "wall_seconds": time.perf_counter() - start,
+               "machine": {"platform": platform.platform(), "python": platform.python_version()}, "runs": runs}
+    summary["table"] = summarise(runs)
+    results = Path(args.results_dir)
+    results.mkdir(parents=True, exist_ok=True)
+    path = results / f"label_efficiency_{name}"
+    path.with_suffix(".json").write_text(json.dumps(summary, indent=2))
+    write_report(summary, path)
+    print((path.with_suffix(".md")).read_text())
+    return summary
+
+
+if __name__ == "__main__":
+    main()

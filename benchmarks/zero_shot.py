@@ -1,0 +1,140 @@
+"""Zero-shot cell embeddings (no labels, no fine-tuning): does the pretrained checkpoint place cells of one type
+together better than PCA of the expression?
+
+    python benchmarks/zero_shot.py                          # Baron mouse and pbmc68k_reduced, shipped checkpoints
+
+For each data set: the mean-pooled last hidden state of the checkpoint (its tokenizer, the most expressed genes);
+the same architecture untrained (a control: what the tokenizer and a random encoder alone give); and PCA with 50
+components of the log-normalised, scaled 2,000 highly variable genes (scanpy's standard recipe). Scored by the
+accuracy of a 10-nearest-neighbour classifier in 5-fold stratified cross-validation, its macro-F1, and the
+silhouette of the known types (cosine). Writes benchmarks/results/zero_shot/zero_shot.json and .md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from benchmarks.annotation_cv import BUNDLED_LABEL_KEYS, write_bundled_dataset
+
+ROOT = Path(__file__).resolve().parents[1]
+BARON = ROOT.parent / "shared" / "data" / "celltype" / "baron_mouse_pancreas.h5ad"
+DATASETS = {"baron_mouse_pancreas": (str(BARON), "cell_type1"), "pbmc68k_reduced": ("pbmc68k_reduced", "bulk_labels")}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoints", nargs="+", default=[str(ROOT / "checkpoints" / "scbert2-small"),
+                                                              str(ROOT / "checkpoints" / "scbert2-moe")])
+    parser.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
+    parser.add_argument("--batch_size", type=int, default=32)
+    parser.add_argument("--output_dir", default=str(ROOT / "outputs" / "zero_shot"))
+    parser.add_argument("--results_dir", default=str(ROOT / "benchmarks" / "results" / "zero_shot"))
+    return parser.parse_args(argv)
+
+
+@torch.inference_mode()
+def embed(folder: str, adata, batch_size: int, pretrained: bool = True) -> np.ndarray:
+    """Mean-pooled last hidden states of every cell, in order."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    import modeling_scbert  # noqa: F401  (registers the family)
+    from tokenization import GeneExpressionTokenizer
+
+    tokenizer = GeneExpressionTokenizer.from_pretrained(folder)
+    if pretrained:
+        model = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=1, pooling="mean")
+    else:
+        config = AutoConfig.from_pretrained(folder, num_labels=1, pooling="mean")
+        torch.manual_seed(0)
+        model = AutoModelForSequenceClassification.from_config(config)
+    model.eval()
+    X = tokenizer.encode_matrix(adata)
+    cells = list(tokenizer._iter_cells(X))
+    vectors = []
+    for start in range(0, len(cells), batch_size):
+        batch = tokenizer.collate(cells[start:start + batch_size], return_tensors="pt")
+        vectors.append(model(**batch).pooled_output.float().numpy())
+    return np.concatenate(vectors)
+
+
+def pca_embedding(adata, components: int = 50) -> np.ndarray:
+    import scanpy as sc
+
+    cells = adata.copy()
+    if np.all(np.mod(cells.X.data[:10000] if hasattr(cells.X, "data") else cells.X[:100], 1) == 0):
+        sc.pp.normalize_total(cells, target_sum=1e4)
+        sc.pp.log1p(cells)
+    sc.pp.highly_variable_genes(cells, n_top_genes=min(2000, cells.n_vars - 1))
+    cells = cells[:, cells.var["highly_variable"]].copy()
+    sc.pp.scale(cells, max_value=10)
+    sc.tl.pca(cells, n_comps=min(components, cells.n_vars - 1, cells.n_obs - 1), random_state=0)
+    return cells.obsm["X_pca"]
+
+
+def score(vectors: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    from sklearn.metrics import accuracy_score, f1_score, silhouette_score
+    from sklearn.model_selection import StratifiedKFold, cross_val_predict
+    from sklearn.neighbors import KNeighborsClassifier
+
+    folds = StratifiedKFold(n_splits=5, shuffle=True, random_state=0)
+    predicted = cross_val_predict(KNeighborsClassifier(n_neighbors=10, metric="cosine"), vectors, labels, cv=folds)
+    return {"knn_accuracy": float(accuracy_score(labels, predicted)),
+            "knn_macro_f1": float(f1_score(labels, predicted, average="macro")),
+            "silhouette": float(silhouette_score(vectors, labels, metric="cosine"))}
+
+
+def load(name: str, output_dir: Path):
+    import anndata
+
+    path, label_key = DATASETS[name]
+    if path in BUNDLED_LABEL_KEYS:
+        path = str(write_bundled_dataset(path, output_dir))
+    adata = anndata.read_h5ad(path)
+    labels = adata.obs[label_key].astype(str).to_numpy()
+    # Types with fewer than 5 cells cannot be split into 5 stratified folds.
+    names, counts = np.unique(labels, return_counts=True)
+    keep = np.isin(labels, names[counts >= 5])
+    return adata[keep].copy(), labels[keep]
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    start, results = time.perf_counter(), {}
+    for name in args.datasets:
+        adata, labels = load(name, Path(args.output_dir))
+        rows = {"PCA (50) of 2,000 HVGs": score(pca_embedding(adata), labels)}
+        for folder in args.checkpoints:
+            if not Path(folder).exists():
+                print(f"skipping {folder}: not built (bash checkpoints/build.sh)")
+                continue
+            rows[f"{Path(folder).name} pretrained"] = score(embed(folder, adata, args.batch_size), labels)
+            rows[f"{Path(folder).name} untrained"] = score(embed(folder, adata, args.batch_size, False), labels)
+        results[name] = {"cells": int(adata.n_obs), "types": int(len(set(labels))), "scores": rows}
+        print(name, json.dumps(rows, indent=1))
+    summary = {"results": results, "wall_seconds": time.perf_counter() - start,
+               "machine": {"platform": platform.platform(), "python": platform.python_version()}}
+    out = Path(args.results_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "zero_shot.json").write_text(json.dumps(summary, indent=2))
+    lines = ["# Zero-shot cell embeddings", "",
+             "10-NN (cosine) accuracy and macro-F1 in 5-fold CV, silhouette (cosine) of the known types.", ""]
+    for name, result in results.items():
+        lines += [f"## {name} ({result['cells']:,} cells, {result['types']} types)", "",
+                  "| embedding | kNN accuracy | kNN macro-F1 | silhouette |", "|---|---|---|---|"]
+        lines += [f"| {row} | {s['knn_accuracy']:.3f} | {s['knn_macro_f1']:.3f} | {s['silhouette']:.3f} |"
+                  for row, s in result["scores"].items()]
+        lines.append("")
+    (out / "zero_shot.md").write_text("\n".join(lines))
+    print("\n".join(lines))
+    return summary
+
+
+if __name__ == "__main__":
+    main()
