@@ -11,6 +11,7 @@ from pathlib import Path
 import anndata as ad
 import numpy as np
 import pytest
+import torch
 
 from tests.conftest import DATA_DIR
 from train import pretrain, release
@@ -158,3 +159,36 @@ def test_corpus_refuses_scbert_v1_and_a_continued_model(corpus_dir, tmp_path):
         pretrain.main(base + ["--architecture", "scbert-small"])
     with pytest.raises(SystemExit):  # --corpus and --data are exclusive
         pretrain.main(base + ["--data", str(corpus_dir / "pbmc.h5ad")])
+
+
+SHIPPED = sorted(p for p in (Path(__file__).resolve().parents[1] / "checkpoints").iterdir() if (p / "config.json").exists())
+
+
+@pytest.mark.parametrize("folder", SHIPPED, ids=[p.name for p in SHIPPED])
+def test_shipped_checkpoints_load_with_and_without_the_package(folder, tmp_path, baron_small):
+    """The release folders in the repository: AutoModel with the package and as remote code in a fresh interpreter
+    give the same cell embeddings on real cells, as float32, from safetensors only."""
+    from transformers import AutoModel, AutoTokenizer
+
+    import modeling_scbert  # noqa: F401
+    import tokenization  # noqa: F401
+
+    assert not [p.name for p in folder.iterdir() if p.suffix in {".bin", ".pt", ".pth", ".pkl"}]
+    assert (folder / "model.safetensors").stat().st_size <= 25 * 2**20
+    release = json.loads((folder / "release.json").read_text())
+    assert release["pretraining"]["corpus"]["cells"] > 10_000 and (folder / "README.md").exists()
+    cells = baron_small[:8].copy()
+    cells.write_h5ad(tmp_path / "cells.h5ad")
+    model, tokenizer = AutoModel.from_pretrained(folder), AutoTokenizer.from_pretrained(folder)
+    assert next(model.parameters()).dtype == torch.float32
+    with torch.inference_mode():
+        expected = model(**tokenizer(cells, return_tensors="pt")).last_hidden_state[:, 0].numpy()
+    code = ("import sys, anndata, numpy, torch; from transformers import AutoModel, AutoTokenizer; f = sys.argv[1]; "
+            "m = AutoModel.from_pretrained(f, trust_remote_code=True); "
+            "t = AutoTokenizer.from_pretrained(f, trust_remote_code=True); "
+            "b = t(anndata.read_h5ad(sys.argv[2]), return_tensors='pt'); "
+            "numpy.save(sys.argv[3], m(**b).last_hidden_state[:, 0].detach().numpy())")
+    out = subprocess.run([sys.executable, "-I", "-c", code, str(folder), str(tmp_path / "cells.h5ad"),
+                          str(tmp_path / "out.npy")], cwd=tmp_path, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    np.testing.assert_allclose(np.load(tmp_path / "out.npy"), expected, atol=1e-5)

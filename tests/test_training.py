@@ -1184,3 +1184,14 @@ def test_few_shot_finetuning_selects_genes_on_all_cells_and_reports_the_split(fi
     assert results["baseline_logistic_regression_l1"]["accuracy"] >= 0
     split = json.loads((output / "split.json").read_text())
     assert not set(split["train"]) & set(split["test"])
+
+
+@pytest.mark.parametrize("gene_table", ["pretrained", "data"])
+def test_finetuning_a_checkpoint_keeps_or_replaces_its_gene_table(pretrain_data, finetune_data, tmp_path, gene_table):
+    pretrained = pretrain.main(pretrain_args(pretrain_data, tmp_path / "pt", "scbert2-tiny", "--max_steps", "1"))
+    table = weights(pretrained)["model.embeddings.gene_embeddings.weight"]
+    output = tmp_path / "ft"
+    finetune.main(finetune_args(finetune_data, output, "--model", str(pretrained), "--gene_table", gene_table,
+                                "--freeze_gene_embeddings", "--num_epochs", "1", "--no_baseline"))
+    tuned = weights(output / "model")["model.embeddings.gene_embeddings.weight"]
+    assert torch.equal(tuned, table) == (gene_table == "pretrained")

@@ -67,7 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "labelled training cells, every other cell is a test cell. Too few cells to spare for "
                              "validation: the training cells stand in for it (early stopping, tau, the baseline's C), "
                              "and the unsupervised choices (highly variable genes, SVD gene table) use all cells, "
-                             "whose labels are never read")
+                             "whose labels are never read. Runs of a few hundred steps want --ema_decay 0 (the "
+                             "0.995 average lags by about 200 steps)")
     parser.add_argument("--class_sampling", choices=["none", "balanced"], default="balanced",
                         help="balanced: every epoch draws each class equally often (with replacement), so a rare "
                              "type's few cells are seen many times, each time with a different --gene_dropout")
@@ -93,6 +94,12 @@ def build_parser() -> argparse.ArgumentParser:
                              "averaged away")
     parser.add_argument("--gene_dropout", type=float, default=0.3,
                         help="augmentation: share of each training cell's expressed genes dropped per epoch")
+    parser.add_argument("--gene_table", choices=["pretrained", "data"], default="data",
+                        help="with --model: start the gene embedding table from this data's cells "
+                             "(--gene_embedding_init, as from scratch) under the pretrained encoder layers, or keep "
+                             "the pretrained table. The shipped checkpoints' small corpus leaves the vectors of genes "
+                             "it rarely saw (e.g. pancreas markers) untrained: on Baron with 10 labelled cells per "
+                             "type, macro-F1 0.799 with data, 0.375 with pretrained")
     parser.add_argument("--freeze_gene_embeddings", action="store_true",
                         help="scBERT 2.0: keep the gene embedding table fixed (the SVD initialisation or the pretrained "
                              "table) and train the rest: a rare type's few training cells cannot then reshape the "
@@ -230,6 +237,8 @@ def build_classifier(args: argparse.Namespace, tokenizer: GeneExpressionTokenize
         # A new head: an adjustment recorded by an earlier fine-tuning belongs to that head's classes.
         labels.update(class_prior=None, logit_adjustment_tau=0.0)
         model = AutoModelForSequenceClassification.from_pretrained(args.model, **labels, **pooling, **attention)
+        if args.gene_table == "data":
+            initialise_gene_embeddings(model, train_cells, tokenizer, args)
     else:
         config = architecture_config(args.architecture, tokenizer, **labels, **pooling)
         model = AutoModelForSequenceClassification.from_config(config, **attention)
