@@ -3,9 +3,10 @@ together better than PCA of the expression?
 
     python benchmarks/zero_shot.py                          # Baron mouse and pbmc68k_reduced, shipped checkpoints
 
-For each data set: the mean-pooled last hidden state of the checkpoint (its tokenizer, the most expressed genes);
+For each data set: the mean-pooled last hidden state of the checkpoint, its tokens drawn from the most expressed
+genes (as in pretraining) or from the data set's 2,000 highly variable genes (as in fine-tuning; no labels read);
 the same architecture untrained (a control: what the tokenizer and a random encoder alone give); and PCA with 50
-components of the log-normalised, scaled 2,000 highly variable genes (scanpy's standard recipe). Scored by the
+components of the log-normalised, scaled highly variable genes (at most 2,000: scanpy's standard recipe). Scored by the
 accuracy of a 10-nearest-neighbour classifier in 5-fold stratified cross-validation, its macro-F1, and the
 silhouette of the known types (cosine). Writes benchmarks/results/zero_shot/zero_shot.json and .md.
 """
@@ -34,14 +35,18 @@ def parse_args(argv=None) -> argparse.Namespace:
                                                               str(ROOT / "checkpoints" / "scbert2-moe")])
     parser.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
     parser.add_argument("--batch_size", type=int, default=32)
+    parser.add_argument("--highly_variable_genes", type=int, nargs="+", default=[0, 2000],
+                        help="token choices to score: 0 = the most expressed genes (as in pretraining), N = the "
+                             "N highly variable genes of the data set (as in fine-tuning)")
     parser.add_argument("--output_dir", default=str(ROOT / "outputs" / "zero_shot"))
     parser.add_argument("--results_dir", default=str(ROOT / "benchmarks" / "results" / "zero_shot"))
     return parser.parse_args(argv)
 
 
 @torch.inference_mode()
-def embed(folder: str, adata, batch_size: int, pretrained: bool = True) -> np.ndarray:
-    """Mean-pooled last hidden states of every cell, in order."""
+def embed(folder: str, adata, batch_size: int, pretrained: bool = True, highly_variable_genes: int = 0) -> np.ndarray:
+    """Mean-pooled last hidden states of every cell, in order; with ``highly_variable_genes`` the tokens come from
+    that many highly variable genes of these cells (no labels read), as fine-tuning draws them."""
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
     import modeling_scbert  # noqa: F401  (registers the family)
@@ -56,6 +61,10 @@ def embed(folder: str, adata, batch_size: int, pretrained: bool = True) -> np.nd
         model = AutoModelForSequenceClassification.from_config(config)
     model.eval()
     X = tokenizer.encode_matrix(adata)
+    if highly_variable_genes:
+        from train.genes import highly_variable_genes as select
+
+        tokenizer.selected_genes = select(X, tokenizer, highly_variable_genes)
     cells = list(tokenizer._iter_cells(X))
     vectors = []
     for start in range(0, len(cells), batch_size):
@@ -109,13 +118,16 @@ def main(argv=None) -> dict:
     start, results = time.perf_counter(), {}
     for name in args.datasets:
         adata, labels = load(name, Path(args.output_dir))
-        rows = {"PCA (50) of 2,000 HVGs": score(pca_embedding(adata), labels)}
+        rows = {"PCA (50) of the HVGs (at most 2,000)": score(pca_embedding(adata), labels)}
         for folder in args.checkpoints:
             if not Path(folder).exists():
                 print(f"skipping {folder}: not built (bash checkpoints/build.sh)")
                 continue
-            rows[f"{Path(folder).name} pretrained"] = score(embed(folder, adata, args.batch_size), labels)
-            rows[f"{Path(folder).name} untrained"] = score(embed(folder, adata, args.batch_size, False), labels)
+            for hvg in args.highly_variable_genes:
+                tokens = f"{hvg} HVGs" if hvg else "most expressed genes"
+                for pretrained in (True, False):
+                    label = f"{Path(folder).name} {'pretrained' if pretrained else 'untrained'}, {tokens}"
+                    rows[label] = score(embed(folder, adata, args.batch_size, pretrained, hvg), labels)
         results[name] = {"cells": int(adata.n_obs), "types": int(len(set(labels))), "scores": rows}
         print(name, json.dumps(rows, indent=1))
     summary = {"results": results, "wall_seconds": time.perf_counter() - start,
