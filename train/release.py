@@ -105,7 +105,7 @@ Baron mouse pancreas and pbmc68k_reduced, the project's evaluation sets, are not
 
 Held-out {summary["held_out_cells"]:,} corpus cells (masked tokens): bin accuracy {held["masked_accuracy"]:.4f}, bin \
 cross-entropy {held["masked_cross_entropy"]:.4f}, value MSE {held.get("masked_value_mse", float("nan")):.4f} (log2 \
-units); {summary["steps"]:,} steps in {summary["seconds"] / 60:.0f} min on 2 CPU cores.
+units), after {summary["steps"]:,} optimizer steps.
 
 ```python
 from transformers import AutoModel, AutoTokenizer
