@@ -39,3 +39,40 @@ def test_paired_timing_writes_ratios_per_round(tmp_path, baron):
 
     unknown = subprocess.run([*command[:3], "no-such-model"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert unknown.returncode != 0 and "unknown model(s) ['no-such-model']" in unknown.stderr
+
+
+def test_label_efficiency_runs_pretrained_scratch_and_baseline_on_the_same_cells(tmp_path, baron):
+    import numpy as np
+
+    labels = baron.obs["cell_type1"].astype(str).to_numpy()
+    rows = np.concatenate([np.flatnonzero(labels == name)[:12] for name in ("alpha", "delta", "ductal")])
+    detected = np.asarray((baron.X > 0).sum(axis=0)).ravel()
+    cells = baron[rows][:, np.sort(np.argsort(-detected)[:300])].copy()
+    cells.write_h5ad(tmp_path / "cells.h5ad")
+    common = ["--max_length", "64", "--no_progress_bar", "--num_workers", "0", "--cache_dir", str(tmp_path / "cache")]
+    pretrain = [sys.executable, "-m", "train.pretrain", "--data", str(tmp_path / "cells.h5ad"), "--architecture",
+                "scbert2-tiny", "--max_steps", "2", "--output_dir", str(tmp_path / "pt"), *common]
+    assert subprocess.run(pretrain, cwd=ROOT, capture_output=True, timeout=600).returncode == 0
+    out = tmp_path / "results"
+    command = [sys.executable, "-m", "benchmarks.label_efficiency", "--data", str(tmp_path / "cells.h5ad"),
+               "--pretrained", str(tmp_path / "pt" / "model"), "--architecture", "scbert2-tiny", "--k", "2", "4",
+               "--draws", "2", "--steps", "4", "--output_dir", str(tmp_path / "runs"), "--results_dir", str(out),
+               "--", "--ema_decay", "0", *common]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((out / "label_efficiency_cells.json").read_text())
+    assert [(r["k"], r["draw"]) for r in summary["runs"]] == [(2, 0), (2, 1), (4, 0), (4, 1)]
+    assert all(r["train_cells"] == 3 * r["k"] and r["train_cells"] + r["test_cells"] == 36 for r in summary["runs"])
+    assert set(summary["table"]["2"]) >= {"pretrained_macro_f1", "scratch_macro_f1", "baseline_macro_f1"}
+    assert (out / "label_efficiency_cells.png").stat().st_size > 0
+
+
+def test_zero_shot_scores_the_checkpoint_against_pca(tmp_path):
+    checkpoint = ROOT / "checkpoints" / "scbert2-small"
+    command = [sys.executable, "-m", "benchmarks.zero_shot", "--checkpoints", str(checkpoint), "--datasets",
+               "pbmc68k_reduced", "--highly_variable_genes", "0", "--output_dir", str(tmp_path),
+               "--results_dir", str(tmp_path / "results")]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    scores = json.loads((tmp_path / "results" / "zero_shot.json").read_text())["results"]["pbmc68k_reduced"]["scores"]
+    assert len(scores) == 3 and all(0 <= s["knn_accuracy"] <= 1 and -1 <= s["silhouette"] <= 1 for s in scores.values())
