@@ -92,6 +92,7 @@ def write_report(summary: dict, path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     ks = [int(k) for k in summary["table"]]
     figure, axis = plt.subplots(figsize=(5, 3.5))
@@ -99,8 +100,10 @@ def write_report(summary: dict, path: Path) -> None:
         means = np.array([summary["table"][k][f"{method}_macro_f1"]["mean"] for k in summary["table"]])
         stds = np.array([summary["table"][k][f"{method}_macro_f1"]["std"] for k in summary["table"]])
         axis.errorbar(ks, means, yerr=stds, marker="o", capsize=3, label=label)
-    axis.set(xscale="log", xticks=ks, xticklabels=[str(k) for k in ks], xlabel="labelled cells per type",
-             ylabel="macro-F1 (test cells)", title=Path(summary["data"]).stem)
+    axis.set(xscale="log", xlabel="labelled cells per type", ylabel="macro-F1 (test cells)",
+             title=Path(summary["data"]).stem)
+    axis.set_xticks(ks, [str(k) for k in ks], minor=False)
+    axis.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     axis.legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(path.with_suffix(".png"), dpi=120)
