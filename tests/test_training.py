@@ -905,6 +905,13 @@ def test_main_job_starts_from_a_pretrained_folder_and_annotates_every_cell(pretr
     assert annotated.obsm["X_scbert"].shape == (original.n_obs, 2 * model.config.hidden_size)  # mean_max pooling
     assert (output / "umap.png").stat().st_size > 10_000
     assert "Hub-ready folder" in capsys.readouterr().out
+    # annotate() on its own, in a fresh process that has imported nothing of the family yet.
+    code = ("import sys, anndata; from train.annotate import annotate; "
+            "print(list(annotate(anndata.read_h5ad(sys.argv[1]), sys.argv[2]).obs['scbert_cell_type']))")
+    fresh = subprocess.run([sys.executable, "-c", code, str(finetune_data), str(folder)], cwd=ROOT,
+                           capture_output=True, text=True, env=subprocess_env(), stdin=subprocess.DEVNULL)
+    assert fresh.returncode == 0, fresh.stderr[-2000:]
+    assert fresh.stdout.strip().splitlines()[-1] == str(list(annotated.obs["scbert_cell_type"]))
 
 
 def test_balanced_log_loss_weighs_every_class_the_same():

@@ -41,6 +41,7 @@ def annotate(adata, model: str | os.PathLike | torch.nn.Module, tokenizer=None, 
     """Writes the predicted type, its probability, the embedding and what was done into ``adata``; returns it."""
     from transformers import AutoModelForSequenceClassification
 
+    import modeling_scbert  # noqa: F401  (registers the family with the Auto classes: no remote code needed)
     from tokenization import GeneExpressionTokenizer
 
     source = str(model) if not isinstance(model, torch.nn.Module) else getattr(model, "name_or_path", "")
