@@ -59,7 +59,7 @@ def test_the_main_job_names_the_failed_stage_without_burying_its_error(tmp_path)
                  "--output_dir", str(tmp_path / "main"))
     assert result.returncode == 1
     assert "missing.h5ad does not exist" in result.stderr  # the stage's own message
-    assert "train.pretrain stage failed" in result.stderr
+    assert "train.finetune stage failed" in result.stderr
     assert "Traceback" not in result.stderr and "CalledProcessError" not in result.stderr
 
 

@@ -668,8 +668,8 @@ def test_finetune_scbert_v1_from_scratch_keeps_the_full_panel(finetune_data, tmp
 
 
 def _split_args(**overrides) -> argparse.Namespace:
-    return argparse.Namespace(**{"test_size": 0.2, "validation_size": 0.1, "kfold": None, "fold": 0, "seed": 0,
-                                 **overrides})
+    return argparse.Namespace(**{"test_size": 0.2, "validation_size": 0.1, "kfold": None, "fold": 0,
+                                 "labelled_per_class": None, "seed": 0, **overrides})
 
 
 def test_split_cells_is_stratified_and_disjoint():
