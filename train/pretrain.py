@@ -153,11 +153,13 @@ def main(argv=None) -> Path:
     result = train_loop(accelerator, model, loader, args, evaluate=evaluate, identity=identity)
     output = Path(args.output_dir) / "model"
     save_model_folder(model, tokenizer, output, accelerator)
+    # Every process evaluates (the metrics are reduced across them); the main one writes.
+    final_scores = evaluate(accelerator.unwrap_model(model)) if evaluate is not None else None
     if accelerator.is_main_process:
         summary = {"steps": result.step, "seconds": result.seconds, "cells": len(train_cells), "parameters": n_parameters,
                    "held_out_cells": len(held_out) if held_out is not None else 0}
-        if evaluate is not None:
-            summary["held_out"] = evaluate(accelerator.unwrap_model(model))
+        if final_scores is not None:
+            summary["held_out"] = final_scores
         if corpus_report is not None:
             summary["corpus"] = corpus_report
             (output / "pretraining_corpus.json").write_text(json.dumps(corpus_report, indent=2))
