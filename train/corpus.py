@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from tokenization import GeneExpressionTokenizer
-from tokenization.tokenization_scbert import ORTHOLOG_TABLE, _read_gene_table
+from tokenization.tokenization_scbert import GENE_TABLE_DIR, ORTHOLOG_TABLE, _read_gene_table
 from train.data import default_cache_dir, read_h5ad
 
 # The saved tokenizer's min_overlap: the vocabulary is the union of several panels (a Smart-seq2 file alone brings
@@ -157,7 +157,7 @@ def build_corpus(sources: list[str], settings: QCSettings, max_length: int | Non
         panels = [np.asarray(p, dtype=np.int64) for p in saved["panels"]]
         return Corpus(datasets.load_from_disk(str(target / "dataset")), tokenizer, panels, saved["report"])
 
-    orthologs = _read_gene_table(GeneExpressionTokenizer(["A"])._gene_table_files[ORTHOLOG_TABLE])
+    orthologs = _read_gene_table(GENE_TABLE_DIR / ORTHOLOG_TABLE)
     filtered, reports = [], []
     for path in files:
         adata = read_h5ad(path)

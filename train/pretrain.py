@@ -22,7 +22,7 @@ from transformers import AutoModelForMaskedLM
 
 from tokenization import GeneExpressionTokenizer
 from train.cli import run_command
-from train.corpus import QCSettings, build_corpus, corpus_files
+from train.corpus import QCSettings, build_corpus
 from train.data import MaskedExpressionCollator, load_tokenized_dataset, make_loader, read_h5ad, training_fingerprint
 from train.genes import initialise_gene_embeddings, select_highly_variable_genes
 from train.loop import add_training_arguments, make_accelerator, run_identity, train_loop
@@ -147,7 +147,8 @@ def main(argv=None) -> Path:
                                                  zero_fraction=zero_fraction, panels=panels)
         evaluate = lambda m: masked_expression_metrics(accelerator, m, held_out, eval_collator,  # noqa: E731
                                                        args.per_device_batch_size)
-    sources = corpus_files(args.corpus) if args.corpus else args.data
+    # The corpus's files as QC read them (folders expanded), named once in its report.
+    sources = [f["file"] for f in corpus_report["files"]] if args.corpus else args.data
     identity = run_identity(training_fingerprint([str(s) for s in sources], train_cells, tokenizer), model,
                             tokenizer.get_vocab())
     result = train_loop(accelerator, model, loader, args, evaluate=evaluate, identity=identity)
