@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from benchmarks.annotation_cv import BUNDLED_LABEL_KEYS, write_bundled_dataset
+from train.annotate import predict_cells
 
 ROOT = Path(__file__).resolve().parents[1]
 BARON = ROOT.parent / "shared" / "data" / "celltype" / "baron_mouse_pancreas.h5ad"
@@ -43,7 +44,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-@torch.inference_mode()
 def embed(folder: str, adata, batch_size: int, pretrained: bool = True, highly_variable_genes: int = 0) -> np.ndarray:
     """Mean-pooled last hidden states of every cell, in order; with ``highly_variable_genes`` the tokens come from
     that many highly variable genes of these cells (no labels read), as fine-tuning draws them."""
@@ -59,18 +59,11 @@ def embed(folder: str, adata, batch_size: int, pretrained: bool = True, highly_v
         config = AutoConfig.from_pretrained(folder, num_labels=1, pooling="mean")
         torch.manual_seed(0)
         model = AutoModelForSequenceClassification.from_config(config)
-    model.eval()
-    X = tokenizer.encode_matrix(adata)
     if highly_variable_genes:
         from train.genes import highly_variable_genes as select
 
-        tokenizer.selected_genes = select(X, tokenizer, highly_variable_genes)
-    cells = list(tokenizer._iter_cells(X))
-    vectors = []
-    for start in range(0, len(cells), batch_size):
-        batch = tokenizer.collate(cells[start:start + batch_size], return_tensors="pt")
-        vectors.append(model(**batch).pooled_output.float().numpy())
-    return np.concatenate(vectors)
+        tokenizer.selected_genes = select(tokenizer.encode_matrix(adata), tokenizer, highly_variable_genes)
+    return predict_cells(model, tokenizer, adata, batch_size)[1]
 
 
 def pca_embedding(adata, components: int = 50) -> np.ndarray:
