@@ -7,6 +7,7 @@ from transformers import PreTrainedConfig
 
 from .configuration_common import (
     check_logit_adjustment,
+    novelty_settings,
     positive_int,
     positive_int_or_none,
     dropout_probability,
@@ -81,6 +82,11 @@ class ScBertConfig(PreTrainedConfig):
             Logit adjustment (Menon et al., 2021): the classification head adds
             `logit_adjustment_tau * log(class_prior)` to its logits, so a saved folder predicts the adjusted way
             with no extra code. 0 leaves the logits unchanged; 1 is the balanced-error optimal shift.
+        novelty_detection (`dict`, *optional*):
+            The open-set detector fitted at fine-tuning time (train/novelty.py): `score`, the novelty score cells are
+            flagged by, `thresholds` (score name -> threshold chosen on validation cells of the known types; a cell
+            scoring above it is flagged novel) and how they were chosen. Its class statistics are in the folder's
+            `novelty.safetensors`.
 
     Example:
 
@@ -124,6 +130,7 @@ class ScBertConfig(PreTrainedConfig):
     mask_token_id: int | None = 6
     class_prior: list[float | int] | None = class_frequencies(default=None)
     logit_adjustment_tau: float | int = non_negative_finite(default=0.0)
+    novelty_detection: dict | None = novelty_settings(default=None)
 
     def validate_token_ids(self):
         """Part of `@strict`-powered validation: the mask token must be a token of the vocabulary."""

@@ -623,6 +623,12 @@ def test_finetune_from_scratch_writes_results_and_labels(finetune_data, tmp_path
     assert tokenizer.num_genes == N_GENES and 40 <= len(tokenizer.selected_genes) <= 80
     records = log_records(output, "finetune")
     assert any("eval_macro_f1" in r for r in records)
+    # The open-set detector: thresholds for every score, the class statistics beside the weights.
+    detector = config.novelty_detection
+    assert detector["score"] == "mahalanobis" and set(detector["thresholds"]) == {
+        "max_probability", "energy", "prototype_distance", "mahalanobis"}
+    assert (output / "model" / "novelty.safetensors").is_file()
+    assert 0.0 <= saved["novelty_detection"]["test_flagged_share"] <= 1.0
 
 
 def test_finetune_freezes_the_gene_table_and_balances_classes(finetune_data, tmp_path, monkeypatch):
@@ -665,6 +671,9 @@ def test_finetune_scbert_v1_from_scratch_keeps_the_full_panel(finetune_data, tmp
                                           "--no_baseline"))
     assert results["model_type"] == "scbert" and 0.0 <= results["model"]["macro_f1"] <= 1.0
     assert GeneExpressionTokenizer.from_pretrained(output / "model").selected_genes is None
+    # No cell embedding: the detector flags by the logits' energy and keeps no class statistics.
+    assert AutoConfig.from_pretrained(output / "model").novelty_detection["score"] == "energy"
+    assert not (output / "model" / "novelty.safetensors").exists()
 
 
 def _split_args(**overrides) -> argparse.Namespace:
@@ -955,7 +964,8 @@ def test_finetune_keeps_the_best_epoch_and_stops_after_patience(finetune_data, t
     results = finetune.main(finetune_args(finetune_data, tmp_path / "run", "--architecture", "scbert2-tiny",
                                           "--num_epochs", "8", "--patience", "2", "--no_baseline",
                                           "--metric_for_best", metric, "--logit_adjustment", "none"))
-    assert saved == kept and results["model"][f"best_validation_{metric}"] == kept[-1]
+    # Each improvement saved the model; the last save writes the kept model's novelty detector into its folder.
+    assert saved[:-1] == kept and results["model"][f"best_validation_{metric}"] == kept[-1]
     assert emitted == scripted[:6]  # two epochs after the last improvement (epoch 3), training stopped
 
 

@@ -19,6 +19,8 @@ from typing import Callable
 COMMANDS = {
     "pretrain": ("train.pretrain", "pretrain scBERT 2.0 (masked regression) or scBERT (masked language modelling)"),
     "finetune": ("train.finetune", "fine-tune for cell type annotation, next to a logistic-regression baseline"),
+    "annotate": ("train.annotate", "annotate cells (.h5ad, 10x .h5 or folder, CSV/TSV) with a fine-tuned folder, "
+                 "flagging novel cell types"),
     "convert": ("modeling_scbert.convert_scbert_original_checkpoint",
                 "convert the published scBERT checkpoint (.pth) into a Hub folder"),
     "main": ("train.main", "the end-to-end main job: pretrain, fine-tune, compare with the baseline"),

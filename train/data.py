@@ -23,8 +23,9 @@ from transformers.trainer_pt_utils import get_length_grouped_indices
 from tokenization import GeneExpressionTokenizer
 
 
-def read_h5ad(path: str | os.PathLike):
-    """Reads an .h5ad with a clear error for a missing, empty or unreadable file."""
+def read_h5ad(path: str | os.PathLike, backed: bool = False):
+    """Reads an .h5ad (``backed``: only obs and var into memory, the matrix stays on disk) with a clear error for a
+    missing, empty or unreadable (e.g. truncated) file."""
     import anndata
 
     path = Path(path)
@@ -33,9 +34,11 @@ def read_h5ad(path: str | os.PathLike):
     if path.stat().st_size == 0:
         raise ValueError(f"Data file {path} is empty (0 bytes): expected an .h5ad written by anndata.")
     try:
-        adata = anndata.read_h5ad(path)
+        adata = anndata.read_h5ad(path, backed="r" if backed else None)
     except Exception as error:  # h5py/anndata raise many types for a corrupt file
-        raise ValueError(f"Could not read {path} as .h5ad ({type(error).__name__}: {error}).") from error
+        raise ValueError(f"Could not read {path} as .h5ad ({type(error).__name__}: {error}): expected an HDF5 file "
+                         "written by anndata; a truncated file (an interrupted copy or download) reads this way too."
+                         ) from error
     if adata.n_obs == 0 or adata.n_vars == 0:
         raise ValueError(f"Data file {path} holds no cells or no genes (shape {adata.shape}).")
     return adata

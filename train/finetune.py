@@ -30,7 +30,8 @@ from train.cli import run_command
 from train.data import ClassificationCollator, load_tokenized_dataset, make_loader, read_h5ad, training_fingerprint
 from train.genes import initialise_gene_embeddings, select_highly_variable_genes
 from train.loop import EarlyStopping, add_training_arguments, make_accelerator, model_loss, run_identity, train_loop
-from train.metrics import balanced_log_loss, classification_metrics, predict
+from train.metrics import balanced_log_loss, classification_metrics, predict, predict_outputs
+from train.novelty import fit_novelty_detector, novelty_scores, save_statistics
 from train.models import (
     architecture_config,
     architecture_mode,
@@ -86,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "validation macro-F1 (0 is in the grid: no adjustment); class-balanced training scores "
                              "every class as equally common, tau = 1 restores the training cells' frequencies")
     parser.add_argument("--logit_adjustment_grid", type=float, nargs="+", default=[0.0, 0.25, 0.5, 1.0])
+    parser.add_argument("--novelty_false_flag_rate", type=float, default=0.02,
+                        help="the novelty detector's thresholds flag this share of the validation cells (all of "
+                             "known types); a lower rate flags fewer known cells and fewer novel ones")
     parser.add_argument("--baseline_C", type=float, nargs="+", default=[0.01, 0.1, 1.0],
                         help="inverse L1 strengths tried for the baseline (picked on the validation cells)")
     parser.add_argument("--no_baseline", action="store_true")
@@ -294,8 +298,12 @@ def main(argv=None) -> dict:
     tau = None
     if args.logit_adjustment == "validation":
         tau = adjust_logits_on_validation(accelerator, best, cells["validation"], collate, counts, args)
-        save_model_folder(best, tokenizer, output, accelerator)
-    logits, y = predict(accelerator, best, cells["test"], collate, args.per_device_batch_size)
+    detector, statistics = fit_novelty(accelerator, best, cells, collate, len(names), args)
+    save_model_folder(best, tokenizer, output, accelerator)
+    if statistics is not None and accelerator.is_main_process:
+        save_statistics(statistics, output)
+    test = predict_outputs(accelerator, best, cells["test"], collate, args.per_device_batch_size)
+    logits, y = test["logits"], test["labels"]
     results = {
         "data": str(args.data),
         "label_key": args.label_key,
@@ -310,6 +318,7 @@ def main(argv=None) -> dict:
                   "steps": result.step, "epoch_kept": result.best_epoch,
                   f"best_validation_{args.metric_for_best}": result.best_metric}
                  | ({"logit_adjustment_tau": tau} if tau is not None else {}),
+        "novelty_detection": {**detector, **flagging_on_known_cells(test, statistics, detector, names)},
     }
     if not args.no_baseline and accelerator.is_main_process:
         features = tokenizer.encode_matrix(adata, gene_key=args.gene_key)
@@ -333,6 +342,30 @@ def adjust_logits_on_validation(accelerator, model, validation_cells, collate, c
     config = accelerator.unwrap_model(model).config
     config.class_prior, config.logit_adjustment_tau = prior.tolist(), tau
     return tau
+
+
+def fit_novelty(accelerator, model, cells: dict, collate, num_classes: int, args: argparse.Namespace):
+    """Fits the open-set detector (train/novelty.py) on the training and validation cells and records its settings
+    in the model's config; returns them with the class statistics (None for scBERT v1, which has no embedding)."""
+    outputs = {part: predict_outputs(accelerator, model, cells[part], collate, args.per_device_batch_size)
+               for part in ("train", "validation")}
+    detector, statistics = fit_novelty_detector(outputs["train"], outputs["validation"], num_classes,
+                                                args.novelty_false_flag_rate)
+    accelerator.unwrap_model(model).config.novelty_detection = detector
+    return detector, statistics
+
+
+def flagging_on_known_cells(test: dict, statistics, detector: dict, names: list[str]) -> dict:
+    """What the detector costs on the test cells, all of known types: the share flagged and the macro-F1 over the
+    known types when a flagged cell counts as a wrong answer."""
+    from sklearn.metrics import f1_score
+
+    flagged = novelty_scores(test["logits"], test["embeddings"], statistics)[detector["score"]] > \
+        detector["thresholds"][detector["score"]]
+    predictions = np.where(flagged, len(names), test["logits"].argmax(-1))
+    return {"test_flagged_share": float(flagged.mean()),
+            "test_macro_f1_with_flagging": float(f1_score(test["labels"], predictions, labels=np.unique(test["labels"]),
+                                                          average="macro", zero_division=0))}
 
 
 def print_results(results: dict, output_dir: Path) -> None:

@@ -11,22 +11,30 @@ from accelerate import Accelerator
 from train.data import make_loader
 
 
-@torch.inference_mode()
 def predict(accelerator: Accelerator, model: torch.nn.Module, dataset, collate_fn: Callable, batch_size: int,
             num_workers: int = 0) -> tuple[np.ndarray, np.ndarray | None]:
     """Logits of every cell (in dataset order) and the labels when the dataset has them, gathered over processes."""
+    outputs = predict_outputs(accelerator, model, dataset, collate_fn, batch_size, num_workers)
+    return outputs["logits"], outputs["labels"]
+
+
+@torch.inference_mode()
+def predict_outputs(accelerator: Accelerator, model: torch.nn.Module, dataset, collate_fn: Callable, batch_size: int,
+                    num_workers: int = 0) -> dict[str, np.ndarray | None]:
+    """``logits``, ``labels`` (None without) and ``embeddings`` (the pooled cell vectors the head reads; None for a
+    head that returns none, scBERT v1's) of every cell in dataset order, gathered over processes."""
     loader = accelerator.prepare(make_loader(dataset, collate_fn, batch_size, False, 0, num_workers))
     model.eval()
-    all_logits, all_labels = [], []
+    collected = {"logits": [], "labels": [], "embeddings": []}
     for batch in loader:
         labels = batch.pop("labels", None)
-        logits = model(**batch).logits
-        logits = accelerator.gather_for_metrics(logits)
-        all_logits.append(logits.float().cpu())
-        if labels is not None:
-            all_labels.append(accelerator.gather_for_metrics(labels).cpu())
-    logits = torch.cat(all_logits).numpy()
-    return logits, (torch.cat(all_labels).numpy() if all_labels else None)
+        outputs = model(**batch)
+        pooled = getattr(outputs, "pooled_output", None)
+        for key, value in (("logits", outputs.logits), ("labels", labels), ("embeddings", pooled)):
+            if value is not None:
+                value = accelerator.gather_for_metrics(value)
+                collected[key].append(value.cpu() if key == "labels" else value.float().cpu())
+    return {key: (torch.cat(values).numpy() if values else None) for key, values in collected.items()}
 
 
 def classification_metrics(labels: np.ndarray, predictions: np.ndarray, names: list[str] | None = None) -> dict:

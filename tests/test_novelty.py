@@ -1,0 +1,80 @@
+"""The open-set detector (train/novelty.py) on hand-made logits and embeddings with known answers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from types import SimpleNamespace
+
+from train.novelty import SCBERT_RULE, STATISTICS_FILE, fit_novelty_detector, load_detector, novelty_scores, save_statistics
+
+
+def clusters(rng, centres: np.ndarray, per_class: int, spread: float = 0.3):
+    labels = np.repeat(np.arange(len(centres)), per_class)
+    embeddings = centres[labels] + spread * rng.standard_normal((len(labels), centres.shape[1]))
+    logits = embeddings @ centres.T  # a classifier that scores by alignment with each class centre
+    return {"logits": logits, "embeddings": embeddings, "labels": labels}
+
+
+@pytest.fixture
+def known_and_novel():
+    rng = np.random.default_rng(0)
+    centres = 3.0 * np.eye(4, 8)  # 4 known classes in 8 dimensions
+    novel_centre = 3.0 * np.eye(8)[6:7]  # a fifth direction the classifier never saw
+    return (clusters(rng, centres, 200), clusters(rng, centres, 100), clusters(rng, centres, 100),
+            clusters(rng, novel_centre, 100)["embeddings"], centres)
+
+
+def auroc(novel_scores, known_scores) -> float:
+    from sklearn.metrics import roc_auc_score
+
+    return roc_auc_score(np.r_[np.ones(len(novel_scores)), np.zeros(len(known_scores))], np.r_[novel_scores, known_scores])
+
+
+def test_thresholds_flag_the_requested_share_of_validation_cells(known_and_novel):
+    train, validation, _, _, _ = known_and_novel
+    settings, statistics = fit_novelty_detector(train, validation, 4, false_flag_rate=0.05)
+    scores = novelty_scores(validation["logits"], validation["embeddings"], statistics)
+    assert set(settings["thresholds"]) == set(scores) == {"max_probability", "energy", "prototype_distance",
+                                                          "mahalanobis"}
+    for name, values in scores.items():
+        assert np.mean(values > settings["thresholds"][name]) == pytest.approx(0.05, abs=0.011), name
+    assert settings["score"] == "mahalanobis" and statistics["precision"].shape == (8, 8)
+
+
+def test_embedding_scores_separate_a_new_type_that_the_softmax_misses(known_and_novel):
+    train, _, test, novel_embeddings, centres = known_and_novel
+    _, statistics = fit_novelty_detector(train, test, 4, false_flag_rate=0.05)
+    known = novelty_scores(test["logits"], test["embeddings"], statistics)
+    novel = novelty_scores(novel_embeddings @ centres.T, novel_embeddings, statistics)
+    assert auroc(novel["mahalanobis"], known["mahalanobis"]) > 0.99
+    assert auroc(novel["prototype_distance"], known["prototype_distance"]) > 0.99
+    # The novel cells' logits are all near zero: a flat softmax (max_probability sees that) and a low energy.
+    assert auroc(novel["energy"], known["energy"]) > 0.9
+
+
+def test_scores_match_their_definitions():
+    logits = np.array([[2.0, 0.0, -1.0], [0.0, 0.0, 0.0]])
+    scores = novelty_scores(logits, None, None)
+    probabilities = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+    np.testing.assert_allclose(scores["max_probability"], 1 - probabilities.max(-1))
+    np.testing.assert_allclose(scores["energy"], -np.log(np.exp(logits).sum(-1)))
+    assert set(scores) == {"max_probability", "energy"}  # no embeddings: only the logit scores
+
+
+def test_bad_settings_and_missing_statistics_fail_clearly(known_and_novel, tmp_path):
+    train, validation, _, _, _ = known_and_novel
+    with pytest.raises(ValueError, match=r"must be in \(0, 1\)"):
+        fit_novelty_detector(train, validation, 4, false_flag_rate=0.0)
+    with pytest.raises(ValueError, match=r"Classes \[4\] have no training cells"):
+        fit_novelty_detector(train, validation, 5, false_flag_rate=0.05)
+    settings, statistics = fit_novelty_detector(train, validation, 4, false_flag_rate=0.05)
+    config = SimpleNamespace(novelty_detection=settings)
+    with pytest.raises(FileNotFoundError, match=STATISTICS_FILE):
+        load_detector(config, tmp_path)
+    save_statistics(statistics, tmp_path)
+    loaded_settings, loaded = load_detector(config, tmp_path)
+    assert loaded_settings == settings and set(loaded) == set(statistics)
+    np.testing.assert_allclose(loaded["class_means"], statistics["class_means"], rtol=1e-6)
+    # A folder fine-tuned before the detector existed: scBERT's rule, top probability below 0.5.
+    assert load_detector(SimpleNamespace(novelty_detection=None), tmp_path) == (SCBERT_RULE, None)

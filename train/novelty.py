@@ -1,0 +1,112 @@
+"""Open-set detection: flags cells of a type the classifier was never trained on.
+
+scBERT called a cell "Unassigned" when its top probability was under 0.5, a rule that failed its own
+leave-one-type-out tests: a softmax is confident far from the training data. Here four scores are computed from the
+classifier's logits and its cell embedding (the vector the head reads); higher means more novel:
+
+- ``max_probability``: 1 - the top softmax probability (scBERT's rule, as a score);
+- ``energy``: -logsumexp(logits) (Liu et al. 2020), which keeps the logits' scale that a softmax discards;
+- ``prototype_distance``: 1 - the cosine similarity to the nearest class mean of the training embeddings;
+- ``mahalanobis``: the smallest Mahalanobis distance to a class mean under the shared (Ledoit-Wolf) covariance of
+  the training embeddings (Lee et al. 2018).
+
+`fit_novelty_detector` takes the class statistics from the training cells and, for every score, the threshold that
+flags ``false_flag_rate`` of the validation cells (all of known types); the folder then records them
+(`config.novelty_detection` and `novelty.safetensors`), so the command, the Python function and a Space flag alike.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+STATISTICS_FILE = "novelty.safetensors"
+LOGIT_SCORES = ("max_probability", "energy")
+EMBEDDING_SCORES = ("prototype_distance", "mahalanobis")
+# The score flagged by when a folder holds embeddings (benchmarks/results/novelty/ measured the four).
+DEFAULT_SCORE = "mahalanobis"
+# A folder fine-tuned before the detector existed falls back to scBERT's rule: top probability below 0.5.
+SCBERT_RULE = {"score": "max_probability", "thresholds": {"max_probability": 0.5}, "fitted_on": "scBERT's fixed rule"}
+
+
+def _log_softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits - logits.max(-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+
+
+def _unit(vectors: np.ndarray) -> np.ndarray:
+    return vectors / np.maximum(np.linalg.norm(vectors, axis=-1, keepdims=True), 1e-12)
+
+
+def novelty_scores(logits: np.ndarray, embeddings: np.ndarray | None,
+                   statistics: dict[str, np.ndarray] | None) -> dict[str, np.ndarray]:
+    """Every score this model supports, one value per cell (higher: more novel)."""
+    logits = logits.astype(np.float64)
+    top = logits.max(-1)
+    scores = {"max_probability": 1.0 - np.exp(_log_softmax(logits).max(-1)),
+              "energy": -(top + np.log(np.exp(logits - top[:, None]).sum(-1)))}
+    if embeddings is None or statistics is None:
+        return scores
+    embeddings = embeddings.astype(np.float64)
+    scores["prototype_distance"] = 1.0 - (_unit(embeddings) @ statistics["prototypes"].T).max(-1)
+    # [cells, classes, width]: each cell's offset from each class mean
+    offsets = embeddings[:, None, :] - statistics["class_means"][None, :, :]
+    distances = np.einsum("ncw,wv,ncv->nc", offsets, statistics["precision"], offsets)
+    scores["mahalanobis"] = np.sqrt(np.maximum(distances.min(-1), 0.0))
+    return scores
+
+
+def class_statistics(embeddings: np.ndarray, labels: np.ndarray, num_classes: int) -> dict[str, np.ndarray]:
+    """Class means (raw and of unit vectors) and the shrunk shared precision matrix of the training embeddings."""
+    from sklearn.covariance import LedoitWolf
+
+    embeddings = embeddings.astype(np.float64)
+    missing = sorted(set(range(num_classes)) - set(labels.tolist()))
+    if missing:
+        raise ValueError(f"Classes {missing} have no training cells: their statistics cannot be estimated.")
+    class_means = np.stack([embeddings[labels == c].mean(0) for c in range(num_classes)])
+    prototypes = _unit(np.stack([_unit(embeddings[labels == c]).mean(0) for c in range(num_classes)]))
+    covariance = LedoitWolf().fit(embeddings - class_means[labels]).covariance_
+    return {"class_means": class_means, "prototypes": prototypes, "precision": np.linalg.pinv(covariance)}
+
+
+def fit_novelty_detector(train: dict[str, np.ndarray], validation: dict[str, np.ndarray], num_classes: int,
+                         false_flag_rate: float) -> tuple[dict, dict[str, np.ndarray] | None]:
+    """The ``config.novelty_detection`` entry and the class statistics, from ``{"logits", "embeddings", "labels"}``
+    of the training and the validation cells."""
+    if not 0 < false_flag_rate < 1:
+        raise ValueError(f"--novelty_false_flag_rate must be in (0, 1), got {false_flag_rate}.")
+    has_embeddings = train.get("embeddings") is not None
+    statistics = class_statistics(train["embeddings"], train["labels"], num_classes) if has_embeddings else None
+    scores = novelty_scores(validation["logits"], validation.get("embeddings"), statistics)
+    thresholds = {name: float(np.quantile(values, 1.0 - false_flag_rate)) for name, values in scores.items()}
+    settings = {"score": DEFAULT_SCORE if has_embeddings else "energy", "thresholds": thresholds,
+                "false_flag_rate": false_flag_rate,
+                "fitted_on": f"class statistics: {len(train['labels'])} training cells; thresholds: "
+                             f"{len(validation['logits'])} validation cells"}
+    return settings, statistics
+
+
+def save_statistics(statistics: dict[str, np.ndarray], folder: str | os.PathLike) -> None:
+    from safetensors.numpy import save_file
+
+    save_file({name: value.astype(np.float32) for name, value in statistics.items()}, str(Path(folder) / STATISTICS_FILE))
+
+
+def load_detector(config, folder: str | os.PathLike | None) -> tuple[dict, dict[str, np.ndarray] | None]:
+    """The folder's detector settings and statistics; scBERT's rule for a folder fine-tuned before they existed."""
+    from safetensors.numpy import load_file
+
+    settings = getattr(config, "novelty_detection", None)
+    if settings is None:
+        return SCBERT_RULE, None
+    path = Path(folder) / STATISTICS_FILE if folder else None
+    if settings["score"] in EMBEDDING_SCORES and (path is None or not path.is_file()):
+        raise FileNotFoundError(
+            f"The model's novelty detector flags by {settings['score']!r}, which needs the class statistics in "
+            f"{STATISTICS_FILE} next to config.json; none was found in {folder!r}. Copy the whole fine-tuned folder."
+        )
+    statistics = load_file(str(path)) if path is not None and path.is_file() else None
+    return settings, ({k: v.astype(np.float64) for k, v in statistics.items()} if statistics else None)
