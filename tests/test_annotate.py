@@ -213,3 +213,18 @@ def test_the_scbert_command_prints_an_error_not_a_traceback(classifier, tmp_path
                           cwd=ROOT)
     assert done.returncode == 1 and "error:" in done.stderr and "Supported inputs" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_speed_benchmark_streams_resampled_cells_and_reports_memory(classifier, tmp_path):
+    import json
+
+    out = tmp_path / "speed"
+    command = [sys.executable, "-m", "benchmarks.annotate_speed", "--model", str(classifier), "--sizes", "150",
+               "--output_dir", str(out), "--results_dir", str(out / "results"), "--name", "tiny"]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (row,) = json.loads((out / "results" / "annotate_speed_tiny.json").read_text())["runs"]
+    assert row["cells"] == 150 and row["cells_per_second"] > 0 and row["peak_rss_mb"] > 0
+    resampled = ad.read_h5ad(out / "cells_150.h5ad")
+    assert resampled.shape[0] == 150 and resampled.n_vars == 14877  # every Baron gene, real profiles
+    assert ad.read_h5ad(out / "annotated_150.h5ad").obs["scbert_cell_type"].notna().all()

@@ -76,3 +76,22 @@ def test_zero_shot_scores_the_checkpoint_against_pca(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     scores = json.loads((tmp_path / "results" / "zero_shot.json").read_text())["results"]["pbmc68k_reduced"]["scores"]
     assert len(scores) == 3 and all(0 <= s["knn_accuracy"] <= 1 and -1 <= s["silhouette"] <= 1 for s in scores.values())
+
+
+def test_novelty_benchmark_scores_a_held_out_type_with_every_rule(tmp_path):
+    out = tmp_path / "novelty"
+    command = [sys.executable, "-m", "benchmarks.novelty", "--datasets", "pbmc68k_reduced", "--types", "CD19+ B",
+               "--output_dir", str(out), "--results_dir", str(out / "results"), "--", "--architecture",
+               "scbert2-tiny", "--max_steps", "10", "--max_length", "64"]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    measured = json.loads((out / "results" / "novelty.json").read_text())["datasets"]["pbmc68k_reduced"]
+    (run,) = measured["runs"]
+    assert run["novel_type"] == "CD19+ B" and run["novel_cells"] == 95
+    assert set(run["scores"]) == {"scbert_rule", "max_probability", "energy", "prototype_distance", "mahalanobis"}
+    for rule in run["scores"].values():
+        assert 0 <= rule["auroc"] <= 1 and 0 <= rule["novel_flagged"] <= 1 and 0 <= rule["known_flagged"] <= 1
+    # The held-out type is absent from the known test cells and from the model's classes.
+    model = json.loads((out / "pbmc68k_reduced" / "CD19__B" / "run" / "model" / "config.json").read_text())
+    assert "CD19+ B" not in model["label2id"] and len(model["label2id"]) == 9
+    assert "scBERT's rule" in (out / "results" / "novelty.md").read_text()

@@ -51,10 +51,12 @@ def novelty_scores(logits: np.ndarray, embeddings: np.ndarray | None,
         return scores
     embeddings = embeddings.astype(np.float64)
     scores["prototype_distance"] = 1.0 - (_unit(embeddings) @ statistics["prototypes"].T).max(-1)
-    # [cells, classes, width]: each cell's offset from each class mean
-    offsets = embeddings[:, None, :] - statistics["class_means"][None, :, :]
-    distances = np.einsum("ncw,wv,ncv->nc", offsets, statistics["precision"], offsets)
-    scores["mahalanobis"] = np.sqrt(np.maximum(distances.min(-1), 0.0))
+    # One class at a time: [cells, width] offsets, never a [cells, classes, width] block.
+    squared = np.full(len(embeddings), np.inf)
+    for mean in statistics["class_means"]:
+        offsets = embeddings - mean
+        squared = np.minimum(squared, np.sum((offsets @ statistics["precision"]) * offsets, axis=-1))
+    scores["mahalanobis"] = np.sqrt(np.maximum(squared, 0.0))
     return scores
 
 

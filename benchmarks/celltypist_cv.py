@@ -1,0 +1,182 @@
+"""CellTypist next to scBERT 2.0 and L1 logistic regression, on the very folds of benchmarks/annotation_cv.py.
+
+    python -m benchmarks.celltypist_cv                 # Baron mouse pancreas and pbmc68k_reduced, 5 folds each
+
+CellTypist's published models download from the web, which this machine cannot do, so it is trained here with
+`celltypist.train` on each fold's training cells (its defaults: logistic regression on log1p expression normalised
+to 10,000 counts per cell; multinomial, see `default_solver_on_new_scikit_learn`) and scored on the fold's test cells
+with `celltypist.annotate` (no majority voting).
+
+The folds are rebuilt with `train.finetune.split_cells` and finetune's own defaults (seed, sizes), exactly as each
+CV fold's `scbert finetune --kfold 5 --fold i` built them; the L1 baseline is refitted on them as a check: its
+per-fold macro-F1 must match the one stored in the committed CV results (within liblinear's run-to-run noise), and
+the split sizes too, or the script stops. The scBERT 2.0 numbers are read from those results
+(benchmarks/results/annotation/). CellTypist's cells/s: test cells over its `annotate` seconds (scBERT's are measured
+end to end by benchmarks/annotate_speed.py). Writes benchmarks/results/annotation/celltypist_cv.json and .md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks.annotation_cv import BARON, write_bundled_dataset
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results" / "annotation"
+# data set -> (path or None for bundled, label key, the committed CV of the fine-tuning defaults)
+DATASETS = {
+    "baron_mouse_pancreas": (str(BARON), "cell_type1", "annotation_cv_baron_mouse_pancreas_logit_adjustment.json"),
+    "pbmc68k_reduced": (None, "bulk_labels", "annotation_cv_pbmc68k_reduced_logit_adjustment.json"),
+}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
+    parser.add_argument("--output_dir", default=str(ROOT / "outputs" / "celltypist_cv"))
+    parser.add_argument("--results_dir", default=str(RESULTS))
+    return parser.parse_args(argv)
+
+
+def fold_splits(path: str, label_key: str, kfold: int, labels: np.ndarray, names: list[str]) -> list[dict]:
+    from train import finetune
+
+    splits = []
+    for fold in range(kfold):
+        args = finetune.parse_args(["--data", path, "--label_key", label_key, "--kfold", str(kfold), "--fold",
+                                    str(fold), "--output_dir", "unused"])
+        splits.append(finetune.split_cells(labels, names, args))
+    return splits
+
+
+def celltypist_fold(adata, labels: np.ndarray, names: list[str], split: dict) -> dict:
+    """CellTypist trained on the fold's training cells, scored on its test cells."""
+    import celltypist
+    import scanpy as sc
+
+    from train.metrics import classification_metrics
+
+    cells = adata.copy()
+    # Raw counts (Baron) get CellTypist's expected input; pbmc68k_reduced's .raw already is log1p of 10,000 per cell.
+    if np.all(np.mod(cells.X[:200].data if hasattr(cells.X, "data") else cells.X[:200], 1) == 0):
+        sc.pp.normalize_total(cells, target_sum=1e4)
+        sc.pp.log1p(cells)
+    train, test = cells[split["train"]].copy(), cells[split["test"]].copy()
+    start = time.perf_counter()
+    with default_solver_on_new_scikit_learn():
+        model = celltypist.train(train, labels=np.array(names)[labels[split["train"]]], check_expression=False,
+                                 n_jobs=2)
+    train_seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    predicted = celltypist.annotate(test, model=model, majority_voting=False).predicted_labels["predicted_labels"]
+    predict_seconds = time.perf_counter() - start
+    codes = np.searchsorted(names, predicted.astype(str).to_numpy())
+    return {**classification_metrics(labels[split["test"]], codes, names), "train_seconds": train_seconds,
+            "predict_seconds": predict_seconds, "cells_per_second": len(split["test"]) / predict_seconds}
+
+
+@contextlib.contextmanager
+def default_solver_on_new_scikit_learn():
+    """CellTypist 1.7.1's default path builds LogisticRegression(multi_class="ovr"), an argument scikit-learn 1.8
+    removed; without it the same solver fits the multinomial model, which scikit-learn made the only choice. (Its
+    other path, use_SGD=True, runs but overfits here: macro-F1 0.33 on Baron fold 0 against 0.96.)"""
+    import inspect
+
+    from sklearn.linear_model import LogisticRegression
+
+    module = sys.modules["celltypist.train"]  # `celltypist.train` the attribute is the function
+    if "multi_class" in inspect.signature(LogisticRegression).parameters:
+        yield
+        return
+    module.LogisticRegression = lambda multi_class=None, **kwargs: LogisticRegression(**kwargs)
+    try:
+        yield
+    finally:
+        module.LogisticRegression = LogisticRegression
+
+
+def logistic_regression_fold(adata, labels, names, split) -> dict:
+    from tokenization import GeneExpressionTokenizer
+    from train.finetune import logistic_regression_baseline
+
+    tokenizer = GeneExpressionTokenizer.from_adata(adata, mode="scbert2")
+    features = tokenizer.encode_matrix(adata)
+    start = time.perf_counter()
+    result = logistic_regression_baseline(features, labels, names, split, (0.01, 0.1, 1.0))
+    result["seconds"] = time.perf_counter() - start
+    return result
+
+
+def check_same_fold(name: str, fold: int, split: dict, baseline: dict, stored: dict) -> None:
+    """The rebuilt fold must have the committed fold's sizes and baseline score (liblinear's coordinate descent
+    shuffles, so a refit can move macro-F1 by a few 1e-4; another fold moves it by far more)."""
+    sizes = {part: len(rows) for part, rows in split.items()}
+    stored_f1 = stored["baseline_logistic_regression_l1"]["macro_f1"]
+    if sizes != {part: stored["split"][part] for part in sizes} or abs(baseline["macro_f1"] - stored_f1) > 0.005:
+        raise RuntimeError(f"{name} fold {fold}: rebuilt split {sizes} with L1 macro-F1 {baseline['macro_f1']:.4f}, "
+                           f"the committed CV {stored['split']} with {stored_f1:.4f}: these are not the CV's folds.")
+
+
+def run_dataset(name: str, output_dir: Path) -> dict:
+    import anndata
+
+    path, label_key, cv_file = DATASETS[name]
+    path = str(path or write_bundled_dataset(name, output_dir))
+    adata = anndata.read_h5ad(path)
+    cv = json.loads((RESULTS / cv_file).read_text())
+    names = sorted(adata.obs[label_key].astype(str).unique())
+    labels = np.searchsorted(names, adata.obs[label_key].astype(str).to_numpy())
+    folds = []
+    for fold, split in enumerate(fold_splits(path, label_key, cv["kfold"], labels, names)):
+        baseline = logistic_regression_fold(adata, labels, names, split)
+        check_same_fold(name, fold, split, baseline, cv["folds"][fold])
+        folds.append({"celltypist": celltypist_fold(adata, labels, names, split),
+                      "baseline_logistic_regression_l1": baseline,
+                      "scbert2": {k: cv["folds"][fold]["model"][k] for k in ("accuracy", "macro_f1")}})
+        print(f"{name} fold {fold}: CellTypist {folds[-1]['celltypist']['macro_f1']:.4f}, L1 {baseline['macro_f1']:.4f}, "
+              f"scBERT 2.0 {folds[-1]['scbert2']['macro_f1']:.4f}", flush=True)
+    summary = {tool: {metric: float(np.mean([f[tool][metric] for f in folds])) for metric in ("accuracy", "macro_f1")}
+               for tool in folds[0]}
+    for tool in summary:
+        summary[tool]["macro_f1_std"] = float(np.std([f[tool]["macro_f1"] for f in folds]))
+    summary["celltypist"]["cells_per_second"] = float(np.median([f["celltypist"]["cells_per_second"] for f in folds]))
+    return {"data": path, "label_key": label_key, "scbert2_cv_results": cv_file, "folds": folds, "mean": summary}
+
+
+def render(results: dict) -> str:
+    labels = {"scbert2": "scBERT 2.0 fine-tuned (from the committed CV)", "baseline_logistic_regression_l1":
+              "L1 logistic regression (refitted, equal to the CV's)", "celltypist": "CellTypist (celltypist.train)"}
+    lines = []
+    for name, block in results.items():
+        lines += [f"### {name}: 5-fold CV, the same folds for every tool", "",
+                  "| tool | accuracy | macro-F1 (mean ± sd) | per-fold macro-F1 |", "|---|---:|---:|---|"]
+        for tool, label in labels.items():
+            mean = block["mean"][tool]
+            per_fold = ", ".join(f"{f[tool]['macro_f1']:.3f}" for f in block["folds"])
+            lines.append(f"| {label} | {mean['accuracy']:.4f} | {mean['macro_f1']:.4f} ± {mean['macro_f1_std']:.4f} "
+                         f"| {per_fold} |")
+        lines += ["", f"CellTypist prediction: {block['mean']['celltypist']['cells_per_second']:,.0f} cells/s "
+                      "(median over folds, test cells only, model in memory).", ""]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    results = {name: run_dataset(name, Path(args.output_dir)) for name in args.datasets}
+    results_dir = Path(args.results_dir)
+    results_dir.mkdir(parents=True, exist_ok=True)
+    (results_dir / "celltypist_cv.json").write_text(json.dumps(results, indent=2))
+    (results_dir / "celltypist_cv.md").write_text(render(results))
+    print(render(results))
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,175 @@
+"""Novel cell type detection, leave one type out: fine-tune without a type, then ask whether its cells get flagged.
+
+    python -m benchmarks.novelty                                  # Baron mouse pancreas and pbmc68k_reduced
+    python -m benchmarks.novelty --datasets pbmc68k_reduced --types Dendritic -- --num_epochs 4
+
+For each data set and each held-out type: `python -m train.finetune` (its own process, the defaults unless flags
+follow `--`) on every cell of the other types, which fits the open-set detector (train/novelty.py: thresholds on its
+validation cells); then the saved folder scores the known test cells of that run and every cell of the held-out type.
+Per score: AUROC of novel vs known test cells, the share of novel cells flagged and of known cells wrongly flagged at
+the folder's saved threshold, and the known cells' macro-F1 without and with flagging (a flagged known cell counts as
+wrong). scBERT's rule (top probability < 0.5 -> unassigned) is scored the same way. Writes
+benchmarks/results/novelty/novelty.json and novelty.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks.annotation_cv import BARON, write_bundled_dataset
+
+ROOT = Path(__file__).resolve().parents[1]
+DATASETS = {"baron_mouse_pancreas": (str(BARON), "cell_type1"), "pbmc68k_reduced": (None, "bulk_labels")}
+SCORES = ("max_probability", "energy", "prototype_distance", "mahalanobis")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
+    parser.add_argument("--types", nargs="+", default=None, help="held-out types (default: every type)")
+    parser.add_argument("--output_dir", default=str(ROOT / "outputs" / "novelty"))
+    parser.add_argument("--results_dir", default=str(ROOT / "benchmarks" / "results" / "novelty"))
+    parser.add_argument("finetune_args", nargs=argparse.REMAINDER, help="after '--': train.finetune flags")
+    return parser.parse_args(argv)
+
+
+def load_dataset(name: str, output_dir: Path):
+    import anndata
+
+    path, label_key = DATASETS[name]
+    path = path or write_bundled_dataset(name, output_dir)
+    adata = anndata.read_h5ad(path)
+    adata.obs[label_key] = adata.obs[label_key].astype(str)
+    return adata, label_key
+
+
+def held_out_run(adata, label_key: str, novel_type: str, folder: Path, extra: list[str]) -> dict:
+    """Fine-tunes on the other types (skipped when the run's results exist) and scores its folder."""
+    known = adata[adata.obs[label_key] != novel_type].copy()
+    folder.mkdir(parents=True, exist_ok=True)
+    if not (folder / "run" / "results.json").exists():
+        known.write_h5ad(folder / "known.h5ad")
+        command = [sys.executable, "-m", "train.finetune", "--data", str(folder / "known.h5ad"), "--label_key",
+                   label_key, "--output_dir", str(folder / "run"), "--no_progress_bar", "--no_baseline", *extra]
+        print("$ " + " ".join(command), flush=True)
+        subprocess.run(command, check=True, cwd=ROOT)
+    test_rows = json.loads((folder / "run" / "split.json").read_text())["test"]
+    return score_folder(folder / "run" / "model", known[test_rows], adata[adata.obs[label_key] == novel_type],
+                        label_key, novel_type)
+
+
+def score_folder(model_folder: Path, known, novel, label_key: str, novel_type: str) -> dict:
+    from sklearn.metrics import f1_score, roc_auc_score
+
+    from train.annotate import load_classifier, predict_cells
+    from train.novelty import load_detector, novelty_scores
+
+    model, tokenizer = load_classifier(model_folder, "cpu")
+    detector, statistics = load_detector(model.config, model_folder)
+    label2id = model.config.label2id
+    outputs = {}
+    for part, cells in (("known", known), ("novel", novel)):
+        logits, embeddings, _ = predict_cells(model, tokenizer, cells)
+        outputs[part] = {"logits": logits, "scores": novelty_scores(logits, embeddings, statistics)}
+    truth = np.array([label2id[t] for t in known.obs[label_key]])
+    predicted = outputs["known"]["logits"].argmax(-1)
+    classes = np.unique(truth)
+
+    def known_macro_f1(flagged: np.ndarray) -> float:
+        return float(f1_score(truth, np.where(flagged, -1, predicted), labels=classes, average="macro", zero_division=0))
+
+    rules = {name: detector["thresholds"][name] for name in SCORES if name in detector["thresholds"]}
+    rules["scbert_rule"] = 0.5  # on max_probability: flagged when the top probability is below 0.5
+    result = {"novel_type": novel_type, "novel_cells": int(novel.n_obs), "known_test_cells": int(known.n_obs),
+              "detector_score": detector["score"], "false_flag_rate": detector.get("false_flag_rate"),
+              "known_macro_f1": known_macro_f1(np.zeros(len(truth), dtype=bool)), "scores": {}}
+    for rule, threshold in rules.items():
+        score = "max_probability" if rule == "scbert_rule" else rule
+        known_scores, novel_scores = outputs["known"]["scores"][score], outputs["novel"]["scores"][score]
+        result["scores"][rule] = {
+            "auroc": float(roc_auc_score(np.r_[np.zeros(len(known_scores)), np.ones(len(novel_scores))],
+                                         np.r_[known_scores, novel_scores])),
+            "threshold": float(threshold),
+            "novel_flagged": float(np.mean(novel_scores > threshold)),
+            "known_flagged": float(np.mean(known_scores > threshold)),
+            "known_macro_f1_with_flagging": known_macro_f1(known_scores > threshold),
+        }
+    return result
+
+
+def summarise(runs: list[dict]) -> dict:
+    rules = list(runs[0]["scores"])
+    summary = {"known_macro_f1": float(np.mean([r["known_macro_f1"] for r in runs]))}
+    for rule in rules:
+        summary[rule] = {key: float(np.mean([r["scores"][rule][key] for r in runs]))
+                         for key in ("auroc", "novel_flagged", "known_flagged", "known_macro_f1_with_flagging")}
+        summary[rule]["known_macro_f1_drop"] = summary["known_macro_f1"] - summary[rule]["known_macro_f1_with_flagging"]
+    return summary
+
+
+def render(results: dict) -> str:
+    names = {"scbert_rule": "scBERT's rule (top probability < 0.5)", "max_probability": "1 - top probability",
+             "energy": "energy (-logsumexp logits)", "prototype_distance": "cosine distance to nearest class mean",
+             "mahalanobis": "Mahalanobis distance to nearest class mean"}
+    lines = []
+    for dataset, block in results["datasets"].items():
+        summary = block["summary"]
+        lines += [f"### {dataset}: leave one type out ({len(block['runs'])} types), mean over held-out types", "",
+                  f"Known-cell macro-F1 without flagging: {summary['known_macro_f1']:.3f}.", "",
+                  "| score (threshold) | AUROC | novel flagged | known flagged | known macro-F1 with flagging (change) |",
+                  "|---|---:|---:|---:|---:|"]
+        for rule in ("scbert_rule", *SCORES):
+            if rule not in summary:
+                continue
+            s = summary[rule]
+            threshold = "fixed 0.5" if rule == "scbert_rule" else "saved, validation"
+            lines.append(f"| {names[rule]} ({threshold}) | {s['auroc']:.3f} | {s['novel_flagged']:.1%} | "
+                         f"{s['known_flagged']:.1%} | {s['known_macro_f1_with_flagging']:.3f} "
+                         f"({-100 * s['known_macro_f1_drop']:+.1f} pt) |")
+        lines += ["", "Per held-out type, AUROC of each score:", "",
+                  "| held-out type | cells | " + " | ".join(SCORES) + " | scBERT rule: novel flagged |",
+                  "|---|---:|" + "---:|" * (len(SCORES) + 1)]
+        for run in block["runs"]:
+            lines.append(f"| {run['novel_type']} | {run['novel_cells']} | "
+                         + " | ".join(f"{run['scores'][s]['auroc']:.3f}" if s in run["scores"] else "" for s in SCORES)
+                         + f" | {run['scores']['scbert_rule']['novel_flagged']:.1%} |")
+        lines.append("")
+    lines.append(f"Wall time {results['wall_seconds'] / 60:.1f} min; fine-tuning flags: "
+                 f"{' '.join(results['finetune_args']) or 'defaults'}.")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    extra = [a for a in args.finetune_args if a != "--"]
+    start = time.perf_counter()
+    results = {"finetune_args": extra, "machine": {"platform": platform.platform()}, "datasets": {}}
+    results_dir = Path(args.results_dir)
+    results_dir.mkdir(parents=True, exist_ok=True)
+    for name in args.datasets:
+        adata, label_key = load_dataset(name, Path(args.output_dir))
+        types = args.types or sorted(adata.obs[label_key].unique())
+        runs = [held_out_run(adata, label_key, novel_type, Path(args.output_dir) / name / safe(novel_type), extra)
+                for novel_type in types if novel_type in set(adata.obs[label_key])]
+        results["datasets"][name] = {"label_key": label_key, "runs": runs, "summary": summarise(runs)}
+        results["wall_seconds"] = time.perf_counter() - start
+        (results_dir / "novelty.json").write_text(json.dumps(results, indent=2))
+        (results_dir / "novelty.md").write_text(render(results))
+    print(render(results))
+    return results
+
+
+def safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_" else "_" for c in name)
+
+
+if __name__ == "__main__":
+    main()
