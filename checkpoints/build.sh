@@ -3,7 +3,7 @@
 # pretraining file plus Papalexi's Perturb-seq cells; Baron mouse and pbmc68k_reduced stay out, they are the
 # evaluation sets). Each run resumes from its last checkpoint when interrupted; a finished run is not redone.
 #
-#     bash checkpoints/build.sh            # ~1.5 h on 2 CPU cores (times: checkpoints/README.md)
+#     bash checkpoints/build.sh            # about 1 h on 2 CPU cores (times: checkpoints/README.md)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 data=../shared/data
