@@ -169,9 +169,11 @@ def render(results: dict) -> str:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    results = {name: run_dataset(name, Path(args.output_dir)) for name in args.datasets}
     results_dir = Path(args.results_dir)
     results_dir.mkdir(parents=True, exist_ok=True)
+    existing = results_dir / "celltypist_cv.json"  # the other data sets' results stay
+    results = json.loads(existing.read_text()) if existing.exists() else {}
+    results.update({name: run_dataset(name, Path(args.output_dir)) for name in args.datasets})
     (results_dir / "celltypist_cv.json").write_text(json.dumps(results, indent=2))
     (results_dir / "celltypist_cv.md").write_text(render(results))
     print(render(results))

@@ -28,7 +28,7 @@ from benchmarks.annotation_cv import BARON, write_bundled_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 DATASETS = {"baron_mouse_pancreas": (str(BARON), "cell_type1"), "pbmc68k_reduced": (None, "bulk_labels")}
-SCORES = ("max_probability", "energy", "prototype_distance", "mahalanobis")
+SCORES = ("max_probability", "energy", "prototype_distance", "mahalanobis", "expression_knn")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -78,7 +78,8 @@ def score_folder(model_folder: Path, known, novel, label_key: str, novel_type: s
     outputs = {}
     for part, cells in (("known", known), ("novel", novel)):
         logits, embeddings, _ = predict_cells(model, tokenizer, cells)
-        outputs[part] = {"logits": logits, "scores": novelty_scores(logits, embeddings, statistics)}
+        expression = tokenizer.encode_matrix(cells)
+        outputs[part] = {"logits": logits, "scores": novelty_scores(logits, embeddings, statistics, expression)}
     truth = np.array([label2id[t] for t in known.obs[label_key]])
     predicted = outputs["known"]["logits"].argmax(-1)
     classes = np.unique(truth)
@@ -118,7 +119,8 @@ def summarise(runs: list[dict]) -> dict:
 def render(results: dict) -> str:
     names = {"scbert_rule": "scBERT's rule (top probability < 0.5)", "max_probability": "1 - top probability",
              "energy": "energy (-logsumexp logits)", "prototype_distance": "cosine distance to nearest class mean",
-             "mahalanobis": "Mahalanobis distance to nearest class mean"}
+             "mahalanobis": "Mahalanobis distance to nearest class mean",
+             "expression_knn": "distance to 5th nearest training cell, expression PCA"}
     lines = []
     for dataset, block in results["datasets"].items():
         summary = block["summary"]
@@ -141,26 +143,35 @@ def render(results: dict) -> str:
             lines.append(f"| {run['novel_type']} | {run['novel_cells']} | "
                          + " | ".join(f"{run['scores'][s]['auroc']:.3f}" if s in run["scores"] else "" for s in SCORES)
                          + f" | {run['scores']['scbert_rule']['novel_flagged']:.1%} |")
-        lines.append("")
-    lines.append(f"Wall time {results['wall_seconds'] / 60:.1f} min; fine-tuning flags: "
-                 f"{' '.join(results['finetune_args']) or 'defaults'}.")
+        if block["not_held_out"]:
+            lines += ["", f"Not held out (not run): {', '.join(block['not_held_out'])}."]
+        lines += ["", f"Wall time {block['wall_seconds'] / 60:.1f} min; fine-tuning flags: "
+                      f"{' '.join(block['finetune_args']) or 'defaults'}.", ""]
     return "\n".join(lines) + "\n"
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
     extra = [a for a in args.finetune_args if a != "--"]
-    start = time.perf_counter()
-    results = {"finetune_args": extra, "machine": {"platform": platform.platform()}, "datasets": {}}
     results_dir = Path(args.results_dir)
     results_dir.mkdir(parents=True, exist_ok=True)
+    # One data set per invocation is fine: the others' results already in novelty.json are kept.
+    existing = results_dir / "novelty.json"
+    results = json.loads(existing.read_text()) if existing.exists() else {"datasets": {}}
+    results.update({"finetune_args": extra, "machine": {"platform": platform.platform()}})
     for name in args.datasets:
+        start = time.perf_counter()
         adata, label_key = load_dataset(name, Path(args.output_dir))
-        types = args.types or sorted(adata.obs[label_key].unique())
+        present = sorted(adata.obs[label_key].unique())
+        types = [t for t in args.types if t in present] if args.types else present
+        if not types:
+            print(f"{name}: none of --types {args.types} is a type of this data set; skipped.", flush=True)
+            continue
         runs = [held_out_run(adata, label_key, novel_type, Path(args.output_dir) / name / safe(novel_type), extra)
-                for novel_type in types if novel_type in set(adata.obs[label_key])]
-        results["datasets"][name] = {"label_key": label_key, "runs": runs, "summary": summarise(runs)}
-        results["wall_seconds"] = time.perf_counter() - start
+                for novel_type in types]
+        results["datasets"][name] = {"label_key": label_key, "finetune_args": extra, "runs": runs,
+                                     "not_held_out": [t for t in present if t not in types],
+                                     "summary": summarise(runs), "wall_seconds": time.perf_counter() - start}
         (results_dir / "novelty.json").write_text(json.dumps(results, indent=2))
         (results_dir / "novelty.md").write_text(render(results))
     print(render(results))

@@ -95,7 +95,7 @@ def test_annotate_streams_an_h5ad_and_returns_every_cell_in_order(classifier, wi
     assert set(known["scbert_cell_type"]) <= set(CLASSES) and (known["scbert_unassigned_reason"] == "").all()
     assert np.isfinite(annotated.obsm["X_scbert"][annotated.obs["scbert_cell_type"] != UNASSIGNED]).all()
     assert summary["unassigned"] == 2 and summary["cells"] == with_odd_cells.n_obs
-    assert annotated.uns["scbert"]["novelty"]["score"] == "mahalanobis"
+    assert annotated.uns["scbert"]["novelty"]["score"] == "expression_knn"
     assert "raw counts detected" in annotated.uns["scbert"]["normalization"]
 
     # The same cells in memory, in one chunk: the same answers, whatever the chunking.

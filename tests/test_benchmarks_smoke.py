@@ -88,7 +88,8 @@ def test_novelty_benchmark_scores_a_held_out_type_with_every_rule(tmp_path):
     measured = json.loads((out / "results" / "novelty.json").read_text())["datasets"]["pbmc68k_reduced"]
     (run,) = measured["runs"]
     assert run["novel_type"] == "CD19+ B" and run["novel_cells"] == 95
-    assert set(run["scores"]) == {"scbert_rule", "max_probability", "energy", "prototype_distance", "mahalanobis"}
+    assert set(run["scores"]) == {"scbert_rule", "max_probability", "energy", "prototype_distance", "mahalanobis",
+                                  "expression_knn"}
     for rule in run["scores"].values():
         assert 0 <= rule["auroc"] <= 1 and 0 <= rule["novel_flagged"] <= 1 and 0 <= rule["known_flagged"] <= 1
     # The held-out type is absent from the known test cells and from the model's classes.

@@ -36,10 +36,10 @@ def test_thresholds_flag_the_requested_share_of_validation_cells(known_and_novel
     settings, statistics = fit_novelty_detector(train, validation, 4, false_flag_rate=0.05)
     scores = novelty_scores(validation["logits"], validation["embeddings"], statistics)
     assert set(settings["thresholds"]) == set(scores) == {"max_probability", "energy", "prototype_distance",
-                                                          "mahalanobis"}
+                                                          "mahalanobis"}  # no expression given: no expression_knn
     for name, values in scores.items():
         assert np.mean(values > settings["thresholds"][name]) == pytest.approx(0.05, abs=0.011), name
-    assert settings["score"] == "mahalanobis" and statistics["precision"].shape == (8, 8)
+    assert settings["score"] == "energy" and statistics["precision"].shape == (8, 8)  # the default needs expression
 
 
 def test_embedding_scores_separate_a_new_type_that_the_softmax_misses(known_and_novel):
@@ -69,6 +69,7 @@ def test_bad_settings_and_missing_statistics_fail_clearly(known_and_novel, tmp_p
     with pytest.raises(ValueError, match=r"Classes \[4\] have no training cells"):
         fit_novelty_detector(train, validation, 5, false_flag_rate=0.05)
     settings, statistics = fit_novelty_detector(train, validation, 4, false_flag_rate=0.05)
+    settings["score"] = "mahalanobis"  # a score that needs the statistics file
     config = SimpleNamespace(novelty_detection=settings)
     with pytest.raises(FileNotFoundError, match=STATISTICS_FILE):
         load_detector(config, tmp_path)
@@ -78,3 +79,30 @@ def test_bad_settings_and_missing_statistics_fail_clearly(known_and_novel, tmp_p
     np.testing.assert_allclose(loaded["class_means"], statistics["class_means"], rtol=1e-6)
     # A folder fine-tuned before the detector existed: scBERT's rule, top probability below 0.5.
     assert load_detector(SimpleNamespace(novelty_detection=None), tmp_path) == (SCBERT_RULE, None)
+
+
+def test_expression_knn_flags_cells_far_from_every_training_cell_in_expression_space(tmp_path):
+    import scipy.sparse as sp
+
+    rng = np.random.default_rng(0)
+    programmes = rng.gamma(1.0, 1.0, size=(4, 300)) * (rng.random((4, 300)) < 0.2)  # 4 known types, 1 novel
+
+    def expression(type_index: int, n: int):
+        return sp.csr_matrix(np.log2(1 + rng.poisson(3 * programmes[type_index], size=(n, 300))))
+
+    labels = np.repeat(np.arange(3), 60)
+    train = {"logits": rng.normal(size=(180, 3)), "embeddings": None, "labels": labels,
+             "expression": sp.vstack([expression(t, 60) for t in range(3)]).tocsr()}
+    validation = {"logits": rng.normal(size=(90, 3)), "expression": sp.vstack([expression(t, 30) for t in range(3)]).tocsr()}
+    genes = np.arange(0, 300, 2)  # the model reads every other gene
+    settings, statistics = fit_novelty_detector(train, validation, 3, 0.05, expression_genes=genes)
+    assert settings["score"] == "expression_knn" and statistics["train_coordinates"].shape == (180, 50)
+    known = novelty_scores(rng.normal(size=(90, 3)), None, statistics,
+                           sp.vstack([expression(t, 30) for t in range(3)]).tocsr())["expression_knn"]
+    novel = novelty_scores(rng.normal(size=(60, 3)), None, statistics, expression(3, 60))["expression_knn"]
+    assert auroc(novel, known) > 0.95
+    threshold = settings["thresholds"]["expression_knn"]
+    assert np.mean(novel > threshold) > 0.8 and np.mean(known > threshold) < 0.15
+    save_statistics(statistics, tmp_path)  # gene indices stay integers through the file
+    _, loaded = load_detector(SimpleNamespace(novelty_detection=settings), tmp_path)
+    assert loaded["expression_genes"].dtype.kind == "i" and np.array_equal(loaded["expression_genes"], genes)

@@ -625,8 +625,8 @@ def test_finetune_from_scratch_writes_results_and_labels(finetune_data, tmp_path
     assert any("eval_macro_f1" in r for r in records)
     # The open-set detector: thresholds for every score, the class statistics beside the weights.
     detector = config.novelty_detection
-    assert detector["score"] == "mahalanobis" and set(detector["thresholds"]) == {
-        "max_probability", "energy", "prototype_distance", "mahalanobis"}
+    assert detector["score"] == "expression_knn" and set(detector["thresholds"]) == {
+        "max_probability", "energy", "prototype_distance", "mahalanobis", "expression_knn"}
     assert (output / "model" / "novelty.safetensors").is_file()
     assert 0.0 <= saved["novelty_detection"]["test_flagged_share"] <= 1.0
 
@@ -671,9 +671,10 @@ def test_finetune_scbert_v1_from_scratch_keeps_the_full_panel(finetune_data, tmp
                                           "--no_baseline"))
     assert results["model_type"] == "scbert" and 0.0 <= results["model"]["macro_f1"] <= 1.0
     assert GeneExpressionTokenizer.from_pretrained(output / "model").selected_genes is None
-    # No cell embedding: the detector flags by the logits' energy and keeps no class statistics.
-    assert AutoConfig.from_pretrained(output / "model").novelty_detection["score"] == "energy"
-    assert not (output / "model" / "novelty.safetensors").exists()
+    # No cell embedding, so no embedding scores; the expression score needs none.
+    detector = AutoConfig.from_pretrained(output / "model").novelty_detection
+    assert detector["score"] == "expression_knn" and "mahalanobis" not in detector["thresholds"]
+    assert "class_means" not in load_file(str(output / "model" / "novelty.safetensors"))
 
 
 def _split_args(**overrides) -> argparse.Namespace:

@@ -129,8 +129,9 @@ class Annotator:
         assigned = np.flatnonzero(genes >= self.min_genes)
         result = self._empty_result(X.shape[0], genes)
         if assigned.size:
-            logits, embeddings = run_model(self.model, self.tokenizer, vocabulary[assigned], self.batch_size, progress)
-            self._fill(result, assigned, logits, embeddings)
+            expression = vocabulary[assigned]
+            logits, embeddings = run_model(self.model, self.tokenizer, expression, self.batch_size, progress)
+            self._fill(result, assigned, logits, embeddings, expression)
         if progress is not None:
             progress.update(X.shape[0] - assigned.size)
         result["normalization"] = normalization
@@ -146,11 +147,12 @@ class Annotator:
                 "unassigned_reason": reason, "genes": genes.astype(np.int32),
                 "embeddings": None if width is None else np.full((n, width), np.nan, np.float32)}
 
-    def _fill(self, result: dict, rows: np.ndarray, logits: np.ndarray, embeddings: np.ndarray | None) -> None:
+    def _fill(self, result: dict, rows: np.ndarray, logits: np.ndarray, embeddings: np.ndarray | None,
+              expression: sp.csr_matrix) -> None:
         probabilities = torch.softmax(torch.as_tensor(logits), dim=-1).numpy()
         id2label = self.model.config.id2label
         score_name = self.detector["score"]
-        scores = novelty_scores(logits, embeddings, self.statistics)[score_name]
+        scores = novelty_scores(logits, embeddings, self.statistics, expression)[score_name]
         result["cell_type"][rows] = [id2label[int(i)] for i in probabilities.argmax(-1)]
         result["confidence"][rows] = probabilities.max(-1)
         result["novelty_score"][rows] = scores

@@ -298,11 +298,13 @@ def main(argv=None) -> dict:
     tau = None
     if args.logit_adjustment == "validation":
         tau = adjust_logits_on_validation(accelerator, best, cells["validation"], collate, counts, args)
-    detector, statistics = fit_novelty(accelerator, best, cells, collate, len(names), args)
+    expression = tokenizer.encode_matrix(adata, gene_key=args.gene_key)  # [cells, vocabulary genes], log2
+    detector, statistics = fit_novelty(accelerator, best, cells, collate, split, expression, tokenizer, args)
     save_model_folder(best, tokenizer, output, accelerator)
-    if statistics is not None and accelerator.is_main_process:
+    if accelerator.is_main_process:
         save_statistics(statistics, output)
     test = predict_outputs(accelerator, best, cells["test"], collate, args.per_device_batch_size)
+    test["expression"] = expression[split["test"]]
     logits, y = test["logits"], test["labels"]
     results = {
         "data": str(args.data),
@@ -321,8 +323,7 @@ def main(argv=None) -> dict:
         "novelty_detection": {**detector, **flagging_on_known_cells(test, statistics, detector, names)},
     }
     if not args.no_baseline and accelerator.is_main_process:
-        features = tokenizer.encode_matrix(adata, gene_key=args.gene_key)
-        results["baseline_logistic_regression_l1"] = logistic_regression_baseline(features, labels, names, split,
+        results["baseline_logistic_regression_l1"] = logistic_regression_baseline(expression, labels, names, split,
                                                                                    tuple(args.baseline_C))
     if accelerator.is_main_process:
         (Path(args.output_dir) / "results.json").write_text(json.dumps(results, indent=2))
@@ -344,13 +345,16 @@ def adjust_logits_on_validation(accelerator, model, validation_cells, collate, c
     return tau
 
 
-def fit_novelty(accelerator, model, cells: dict, collate, num_classes: int, args: argparse.Namespace):
+def fit_novelty(accelerator, model, cells: dict, collate, split: dict, expression, tokenizer,
+                args: argparse.Namespace):
     """Fits the open-set detector (train/novelty.py) on the training and validation cells and records its settings
-    in the model's config; returns them with the class statistics (None for scBERT v1, which has no embedding)."""
+    in the model's config; returns them with its statistics."""
     outputs = {part: predict_outputs(accelerator, model, cells[part], collate, args.per_device_batch_size)
-               for part in ("train", "validation")}
-    detector, statistics = fit_novelty_detector(outputs["train"], outputs["validation"], num_classes,
-                                                args.novelty_false_flag_rate)
+               | {"expression": expression[split[part]]} for part in ("train", "validation")}
+    genes = None if tokenizer.selected_genes is None else tokenizer.selected_token_ids - tokenizer.num_special_tokens
+    detector, statistics = fit_novelty_detector(outputs["train"], outputs["validation"],
+                                                accelerator.unwrap_model(model).config.num_labels,
+                                                args.novelty_false_flag_rate, expression_genes=genes)
     accelerator.unwrap_model(model).config.novelty_detection = detector
     return detector, statistics
 
@@ -360,7 +364,7 @@ def flagging_on_known_cells(test: dict, statistics, detector: dict, names: list[
     known types when a flagged cell counts as a wrong answer."""
     from sklearn.metrics import f1_score
 
-    flagged = novelty_scores(test["logits"], test["embeddings"], statistics)[detector["score"]] > \
+    flagged = novelty_scores(test["logits"], test["embeddings"], statistics, test["expression"])[detector["score"]] > \
         detector["thresholds"][detector["score"]]
     predictions = np.where(flagged, len(names), test["logits"].argmax(-1))
     return {"test_flagged_share": float(flagged.mean()),

@@ -8,7 +8,11 @@ classifier's logits and its cell embedding (the vector the head reads); higher m
 - ``energy``: -logsumexp(logits) (Liu et al. 2020), which keeps the logits' scale that a softmax discards;
 - ``prototype_distance``: 1 - the cosine similarity to the nearest class mean of the training embeddings;
 - ``mahalanobis``: the smallest Mahalanobis distance to a class mean under the shared (Ledoit-Wolf) covariance of
-  the training embeddings (Lee et al. 2018).
+  the training embeddings (Lee et al. 2018);
+- ``expression_knn``: the distance to the 5th nearest training cell in the 50 principal components of the
+  log-normalised expression of the genes the model reads. It does not depend on the classifier, whose embedding
+  can map an unseen type right onto a similar trained one (a fine-tuned encoder keeps what separates the trained
+  types, little else); the folder then keeps the training cells' 50 coordinates.
 
 `fit_novelty_detector` takes the class statistics from the training cells and, for every score, the threshold that
 flags ``false_flag_rate`` of the validation cells (all of known types); the folder then records them
@@ -25,8 +29,11 @@ import numpy as np
 STATISTICS_FILE = "novelty.safetensors"
 LOGIT_SCORES = ("max_probability", "energy")
 EMBEDDING_SCORES = ("prototype_distance", "mahalanobis")
-# The score flagged by when a folder holds embeddings (benchmarks/results/novelty/ measured the four).
-DEFAULT_SCORE = "mahalanobis"
+EXPRESSION_SCORES = ("expression_knn",)
+NEIGHBOURS = 5
+COMPONENTS = 50
+# The score cells are flagged by (benchmarks/results/novelty/ measured them all, leave one type out).
+DEFAULT_SCORE = "expression_knn"
 # A folder fine-tuned before the detector existed falls back to scBERT's rule: top probability below 0.5.
 SCBERT_RULE = {"score": "max_probability", "thresholds": {"max_probability": 0.5}, "fitted_on": "scBERT's fixed rule"}
 
@@ -40,24 +47,53 @@ def _unit(vectors: np.ndarray) -> np.ndarray:
     return vectors / np.maximum(np.linalg.norm(vectors, axis=-1, keepdims=True), 1e-12)
 
 
-def novelty_scores(logits: np.ndarray, embeddings: np.ndarray | None,
-                   statistics: dict[str, np.ndarray] | None) -> dict[str, np.ndarray]:
-    """Every score this model supports, one value per cell (higher: more novel)."""
+def novelty_scores(logits: np.ndarray, embeddings: np.ndarray | None, statistics: dict[str, np.ndarray] | None,
+                   expression=None) -> dict[str, np.ndarray]:
+    """Every score this model and input support, one value per cell (higher: more novel). ``expression``: the cells'
+    log2-normalised values over the vocabulary (cells x vocabulary genes, sparse), for ``expression_knn``."""
     logits = logits.astype(np.float64)
     top = logits.max(-1)
     scores = {"max_probability": 1.0 - np.exp(_log_softmax(logits).max(-1)),
               "energy": -(top + np.log(np.exp(logits - top[:, None]).sum(-1)))}
-    if embeddings is None or statistics is None:
-        return scores
-    embeddings = embeddings.astype(np.float64)
-    scores["prototype_distance"] = 1.0 - (_unit(embeddings) @ statistics["prototypes"].T).max(-1)
-    # One class at a time: [cells, width] offsets, never a [cells, classes, width] block.
-    squared = np.full(len(embeddings), np.inf)
-    for mean in statistics["class_means"]:
-        offsets = embeddings - mean
-        squared = np.minimum(squared, np.sum((offsets @ statistics["precision"]) * offsets, axis=-1))
-    scores["mahalanobis"] = np.sqrt(np.maximum(squared, 0.0))
+    statistics = statistics or {}
+    if embeddings is not None and "class_means" in statistics:
+        embeddings = embeddings.astype(np.float64)
+        scores["prototype_distance"] = 1.0 - (_unit(embeddings) @ statistics["prototypes"].T).max(-1)
+        # One class at a time: [cells, width] offsets, never a [cells, classes, width] block.
+        squared = np.full(len(embeddings), np.inf)
+        for mean in statistics["class_means"]:
+            offsets = embeddings - mean
+            squared = np.minimum(squared, np.sum((offsets @ statistics["precision"]) * offsets, axis=-1))
+        scores["mahalanobis"] = np.sqrt(np.maximum(squared, 0.0))
+    if expression is not None and "train_coordinates" in statistics:
+        scores["expression_knn"] = expression_knn_distance(expression, statistics)
     return scores
+
+
+def expression_coordinates(expression, statistics: dict[str, np.ndarray]) -> np.ndarray:
+    """[cells, vocabulary genes] -> [cells, components]: the training cells' principal components."""
+    X = expression[:, statistics["expression_genes"].astype(np.int64)]
+    return np.asarray(X @ statistics["pca_components"].T) - statistics["pca_mean"] @ statistics["pca_components"].T
+
+
+def expression_knn_distance(expression, statistics: dict[str, np.ndarray]) -> np.ndarray:
+    from sklearn.neighbors import NearestNeighbors
+
+    train = statistics["train_coordinates"]
+    neighbours = NearestNeighbors(n_neighbors=min(NEIGHBOURS, len(train)), algorithm="brute").fit(train)
+    return neighbours.kneighbors(expression_coordinates(expression, statistics))[0][:, -1]
+
+
+def expression_statistics(expression, genes: np.ndarray) -> dict[str, np.ndarray]:
+    """PCA of the training cells' log-normalised expression over ``genes`` (vocabulary columns) and their
+    coordinates."""
+    from sklearn.decomposition import PCA
+
+    X = expression[:, genes]
+    components = min(COMPONENTS, X.shape[0] - 1, X.shape[1] - 1)
+    pca = PCA(n_components=components, svd_solver="arpack", random_state=0).fit(X)
+    return {"expression_genes": genes.astype(np.int64), "pca_components": pca.components_, "pca_mean": pca.mean_,
+            "train_coordinates": pca.transform(X)}
 
 
 def class_statistics(embeddings: np.ndarray, labels: np.ndarray, num_classes: int) -> dict[str, np.ndarray]:
@@ -74,19 +110,25 @@ def class_statistics(embeddings: np.ndarray, labels: np.ndarray, num_classes: in
     return {"class_means": class_means, "prototypes": prototypes, "precision": np.linalg.pinv(covariance)}
 
 
-def fit_novelty_detector(train: dict[str, np.ndarray], validation: dict[str, np.ndarray], num_classes: int,
-                         false_flag_rate: float) -> tuple[dict, dict[str, np.ndarray] | None]:
-    """The ``config.novelty_detection`` entry and the class statistics, from ``{"logits", "embeddings", "labels"}``
-    of the training and the validation cells."""
+def fit_novelty_detector(train: dict, validation: dict, num_classes: int, false_flag_rate: float,
+                         expression_genes: np.ndarray | None = None) -> tuple[dict, dict[str, np.ndarray]]:
+    """The ``config.novelty_detection`` entry and the statistics, from ``{"logits", "embeddings", "labels",
+    "expression"}`` of the training and the validation cells (embeddings and expression may be None);
+    ``expression_genes``: the vocabulary columns the model reads (None: all)."""
     if not 0 < false_flag_rate < 1:
         raise ValueError(f"--novelty_false_flag_rate must be in (0, 1), got {false_flag_rate}.")
-    has_embeddings = train.get("embeddings") is not None
-    statistics = class_statistics(train["embeddings"], train["labels"], num_classes) if has_embeddings else None
-    scores = novelty_scores(validation["logits"], validation.get("embeddings"), statistics)
+    statistics = {}
+    if train.get("embeddings") is not None:
+        statistics.update(class_statistics(train["embeddings"], train["labels"], num_classes))
+    if train.get("expression") is not None:
+        genes = np.arange(train["expression"].shape[1]) if expression_genes is None else np.asarray(expression_genes)
+        statistics.update(expression_statistics(train["expression"], genes))
+    scores = novelty_scores(validation["logits"], validation.get("embeddings"), statistics,
+                            validation.get("expression"))
     thresholds = {name: float(np.quantile(values, 1.0 - false_flag_rate)) for name, values in scores.items()}
-    settings = {"score": DEFAULT_SCORE if has_embeddings else "energy", "thresholds": thresholds,
+    settings = {"score": DEFAULT_SCORE if DEFAULT_SCORE in thresholds else "energy", "thresholds": thresholds,
                 "false_flag_rate": false_flag_rate,
-                "fitted_on": f"class statistics: {len(train['labels'])} training cells; thresholds: "
+                "fitted_on": f"statistics: {len(train['labels'])} training cells; thresholds: "
                              f"{len(validation['logits'])} validation cells"}
     return settings, statistics
 
@@ -94,7 +136,8 @@ def fit_novelty_detector(train: dict[str, np.ndarray], validation: dict[str, np.
 def save_statistics(statistics: dict[str, np.ndarray], folder: str | os.PathLike) -> None:
     from safetensors.numpy import save_file
 
-    save_file({name: value.astype(np.float32) for name, value in statistics.items()}, str(Path(folder) / STATISTICS_FILE))
+    save_file({name: value if value.dtype.kind == "i" else value.astype(np.float32) for name, value in statistics.items()},
+              str(Path(folder) / STATISTICS_FILE))
 
 
 def load_detector(config, folder: str | os.PathLike | None) -> tuple[dict, dict[str, np.ndarray] | None]:
@@ -105,10 +148,11 @@ def load_detector(config, folder: str | os.PathLike | None) -> tuple[dict, dict[
     if settings is None:
         return SCBERT_RULE, None
     path = Path(folder) / STATISTICS_FILE if folder else None
-    if settings["score"] in EMBEDDING_SCORES and (path is None or not path.is_file()):
+    if settings["score"] in EMBEDDING_SCORES + EXPRESSION_SCORES and (path is None or not path.is_file()):
         raise FileNotFoundError(
             f"The model's novelty detector flags by {settings['score']!r}, which needs the class statistics in "
             f"{STATISTICS_FILE} next to config.json; none was found in {folder!r}. Copy the whole fine-tuned folder."
         )
     statistics = load_file(str(path)) if path is not None and path.is_file() else None
-    return settings, ({k: v.astype(np.float64) for k, v in statistics.items()} if statistics else None)
+    return settings, ({k: v if v.dtype.kind == "i" else v.astype(np.float64) for k, v in statistics.items()}
+                      if statistics else None)
