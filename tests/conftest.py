@@ -7,6 +7,7 @@ import pytest
 
 DATA_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 BARON_PATH = DATA_DIR / "celltype" / "baron_mouse_pancreas.h5ad"
+CLASSIFIER_CLASSES = ("alpha", "beta", "ductal")
 
 
 def pytest_addoption(parser):
@@ -63,3 +64,47 @@ def fresh_accelerate_state():
     yield
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
+
+
+@pytest.fixture(scope="session")
+def classifier_cells(baron) -> ad.AnnData:
+    """40 Baron cells of each of 3 types on the 300 most often detected genes, raw counts."""
+    import numpy as np
+    import scipy.sparse as sp
+
+    detected = np.asarray((sp.csr_matrix(baron.X) > 0).sum(axis=0)).ravel()
+    genes = np.sort(np.argsort(-detected, kind="stable")[:300])
+    labels = baron.obs["cell_type1"].astype(str).to_numpy()
+    rng = np.random.default_rng(1)
+    rows = np.sort(np.concatenate([rng.choice(np.flatnonzero(labels == name), 40, replace=False)
+                                   for name in CLASSIFIER_CLASSES]))
+    subset = baron[rows][:, genes].copy()
+    subset.obs = subset.obs[["cell_type1"]].astype(str)
+    subset.X = sp.csr_matrix(subset.X, dtype=np.float32)
+    return subset
+
+
+@pytest.fixture(scope="session")
+def tiny_classifier(classifier_cells, tmp_path_factory) -> Path:
+    """scbert2-tiny fine-tuned for 30 steps on `classifier_cells`: a real classifier folder with a novelty detector."""
+    import torch
+    from accelerate.state import AcceleratorState, GradientState
+
+    from train import finetune
+
+    folder = tmp_path_factory.mktemp("annotator")
+    classifier_cells.write_h5ad(folder / "labelled.h5ad")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    try:
+        finetune.main(["--data", str(folder / "labelled.h5ad"), "--label_key", "cell_type1", "--architecture",
+                       "scbert2-tiny", "--max_length", "64", "--max_steps", "30", "--per_device_batch_size", "16",
+                       "--output_dir", str(folder / "run"), "--cache_dir", str(folder / "cache"), "--no_baseline",
+                       "--num_workers", "0", "--no_progress_bar", "--highly_variable_genes", "100"])
+    finally:
+        torch.set_num_threads(threads)
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+    return folder / "run" / "model"

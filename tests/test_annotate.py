@@ -1,10 +1,10 @@
 """`scbert annotate` and `annotate()`: every supported file format, streaming, unassigned cells, novelty columns, and
-a clear error for each bad input. A tiny classifier is fine-tuned once on real Baron cells (3 types, 300 genes)."""
+a clear error for each bad input. A tiny classifier is fine-tuned once on real Baron cells (3 types, 300 genes; the
+`tiny_classifier` fixture of conftest.py)."""
 
 from __future__ import annotations
 
 import gzip
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -17,48 +17,22 @@ import pytest
 import scipy.io
 import scipy.sparse as sp
 
-from train import finetune
+from conftest import CLASSIFIER_CLASSES as CLASSES
 from train.annotate import UNASSIGNED, annotate, annotate_file, main
 
-pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 ROOT = Path(__file__).resolve().parents[1]
-CLASSES = ("alpha", "beta", "ductal")
 COLUMNS = ("scbert_cell_type", "scbert_confidence", "scbert_is_novel", "scbert_novelty_score",
            "scbert_unassigned_reason", "scbert_genes")
 
 
 @pytest.fixture(scope="module")
-def cells(baron) -> ad.AnnData:
-    """40 Baron cells of each of 3 types on the 300 most often detected genes, raw counts."""
-    detected = np.asarray((sp.csr_matrix(baron.X) > 0).sum(axis=0)).ravel()
-    genes = np.sort(np.argsort(-detected, kind="stable")[:300])
-    labels = baron.obs["cell_type1"].astype(str).to_numpy()
-    rng = np.random.default_rng(1)
-    rows = np.sort(np.concatenate([rng.choice(np.flatnonzero(labels == name), 40, replace=False) for name in CLASSES]))
-    subset = baron[rows][:, genes].copy()
-    subset.obs = subset.obs[["cell_type1"]].astype(str)
-    subset.X = sp.csr_matrix(subset.X, dtype=np.float32)
-    return subset
+def cells(classifier_cells) -> ad.AnnData:
+    return classifier_cells
 
 
 @pytest.fixture(scope="module")
-def classifier(cells, tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("annotator")
-    cells.write_h5ad(folder / "labelled.h5ad")
-    import torch
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        finetune.main(["--data", str(folder / "labelled.h5ad"), "--label_key", "cell_type1", "--architecture",
-                       "scbert2-tiny", "--max_length", "64", "--max_steps", "30", "--per_device_batch_size", "16",
-                       "--output_dir", str(folder / "run"), "--cache_dir", str(folder / "cache"), "--no_baseline",
-                       "--num_workers", "0", "--no_progress_bar", "--highly_variable_genes", "100"])
-    finally:
-        torch.set_num_threads(threads)
-    from accelerate.state import AcceleratorState, GradientState
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-    return folder / "run" / "model"
+def classifier(tiny_classifier) -> Path:
+    return tiny_classifier
 
 
 @pytest.fixture

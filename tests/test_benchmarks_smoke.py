@@ -96,3 +96,18 @@ def test_novelty_benchmark_scores_a_held_out_type_with_every_rule(tmp_path):
     model = json.loads((out / "pbmc68k_reduced" / "CD19__B" / "run" / "model" / "config.json").read_text())
     assert "CD19+ B" not in model["label2id"] and len(model["label2id"]) == 9
     assert "scBERT's rule" in (out / "results" / "novelty.md").read_text()
+
+
+def test_int8_options_benchmark_runs_every_backend_on_a_classifier(tiny_classifier, tmp_path):
+    out = tmp_path / "int8"
+    command = [sys.executable, "-m", "benchmarks.int8_options", "--model", str(tiny_classifier), "--cells", "48",
+               "--batch_size", "16", "--rounds", "2", "--threads", "1", "--results_dir", str(out)]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    measured = json.loads((out / "int8_options.json").read_text())["variants"]
+    assert len(measured) == 5 and measured["float32 (sdpa)"]["agreement_with_float32"] == 1.0
+    for row in measured.values():
+        assert len(row["seconds_per_pass"]) == 2 and row["cells_per_second"] > 0
+        assert 0.5 <= row["agreement_with_float32"] <= 1.0  # int8 may flip a borderline cell, not half of them
+    # ONNX Runtime float32 runs the same graph: the same predictions.
+    assert measured["onnxruntime float32"]["agreement_with_float32"] == 1.0
