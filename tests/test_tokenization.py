@@ -72,6 +72,20 @@ def test_log_normalised_input_is_detected_and_converted_to_log2(pbmc):
     np.testing.assert_allclose(batch["values"][0][real], natural_log[0, genes0] / math.log(2), rtol=1e-5)
 
 
+def test_encoding_leaves_the_callers_matrix_untouched(pbmc):
+    """Log-normalised float32 CSR is converted in place inside the tokenizer: on the caller's own matrix that scaled
+    adata.X by 1/ln 2 at every call (so a second encoding of the same AnnData differed from the first)."""
+    import scipy.sparse as sp
+
+    adata = pbmc.raw.to_adata()[:50].copy()
+    adata.X = sp.csr_matrix(adata.X, dtype=np.float32)
+    before = adata.X.copy()
+    tok = GeneExpressionTokenizer(genes=list(adata.var_names), mode="scbert2", max_length=None)
+    first, second = tok.encode_matrix(adata), tok.encode_matrix(adata)
+    assert (adata.X != before).nnz == 0
+    np.testing.assert_array_equal(first.toarray(), second.toarray())
+
+
 def test_v2_truncates_to_the_most_expressed_genes_and_pads_to_the_longest(baron_small):
     tok = baron_tokenizer(baron_small, mode="scbert2", max_length=65)
     batch = tok(baron_small[:4], return_tensors="pt")

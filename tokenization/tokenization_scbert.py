@@ -402,7 +402,8 @@ class GeneExpressionTokenizer(PushToHubMixin):
 
     def normalize(self, matrix: Any) -> tuple[sp.csr_matrix, str]:
         """log2(1 + x) of the counts scaled to ``target_sum`` per cell, for raw counts or log-normalised input."""
-        X = sp.csr_matrix(matrix, dtype=np.float32)
+        # A copy: the conversions below work in place, and a float32 CSR input would otherwise be the caller's matrix.
+        X = sp.csr_matrix(matrix, dtype=np.float32, copy=True)
         X.sum_duplicates()
         if X.shape[0] == 0:
             raise ValueError("The input has no cells (0 rows).")
