@@ -46,6 +46,19 @@ def class_frequencies(value: list[float] | None):
         raise ValueError(f"Value must be None or a non-empty list of finite numbers > 0, got {value}.")
 
 
+@as_validated_field
+def novelty_settings(value: dict | None):
+    if value is None:
+        return
+    thresholds = value.get("thresholds") if isinstance(value, dict) else None
+    if not (isinstance(thresholds, dict) and value.get("score") in thresholds
+            and all(isinstance(t, (int, float)) and math.isfinite(t) for t in thresholds.values())):
+        raise ValueError(
+            "Value must be None or a dict with `score` (the novelty score the annotation flags by) and `thresholds` "
+            f"(score name -> finite threshold, holding `score`), got {value}."
+        )
+
+
 def check_logit_adjustment(config) -> None:
     """The adjustment needs a prior, with one frequency per label (after `__post_init__` has resolved `num_labels`)."""
     if config.logit_adjustment_tau > 0 and config.class_prior is None:

@@ -20,6 +20,7 @@ from transformers import PreTrainedConfig
 
 from .configuration_common import (
     check_logit_adjustment,
+    novelty_settings,
     positive_int,
     positive_int_or_none,
     dropout_probability,
@@ -136,6 +137,11 @@ class ScBert2Config(PreTrainedConfig):
             Logit adjustment (Menon et al., 2021): the classification head adds
             `logit_adjustment_tau * log(class_prior)` to its logits, so a saved folder predicts the adjusted way
             with no extra code. 0 leaves the logits unchanged; 1 is the balanced-error optimal shift.
+        novelty_detection (`dict`, *optional*):
+            The open-set detector fitted at fine-tuning time (train/novelty.py): `score`, the novelty score cells are
+            flagged by, `thresholds` (score name -> threshold chosen on validation cells of the known types; a cell
+            scoring above it is flagged novel) and how they were chosen. Its class statistics are in the folder's
+            `novelty.safetensors`.
 
     Example:
 
@@ -181,6 +187,7 @@ class ScBert2Config(PreTrainedConfig):
     classifier_dropout: float | int = dropout_probability(default=0.1)
     class_prior: list[float | int] | None = class_frequencies(default=None)
     logit_adjustment_tau: float | int = non_negative_finite(default=0.0)
+    novelty_detection: dict | None = novelty_settings(default=None)
 
     def __post_init__(self, **kwargs):
         # A head_dim that does not divide hidden_size is left unset, for validate_architecture to report.
