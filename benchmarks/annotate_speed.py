@@ -106,10 +106,16 @@ def main(argv=None) -> dict:
     folder = Path(args.output_dir)
     folder.mkdir(parents=True, exist_ok=True)
     name = args.name or Path(args.model).resolve().parent.name
-    results = {"model": args.model, "batch_size": args.batch_size, "machine": {"platform": platform.platform()},
-               "runs": [run_size(args.model, n, folder, args.batch_size) for n in args.sizes]}
     results_dir = Path(args.results_dir)
     results_dir.mkdir(parents=True, exist_ok=True)
+    # Sizes run by an earlier invocation with the same model and batch size stay, unless run again.
+    existing = results_dir / f"annotate_speed_{name}.json"
+    earlier = json.loads(existing.read_text()) if existing.exists() else {}
+    kept = [row for row in earlier.get("runs", []) if row["cells"] not in args.sizes
+            and (earlier["model"], earlier["batch_size"]) == (args.model, args.batch_size)]
+    runs = sorted(kept + [run_size(args.model, n, folder, args.batch_size) for n in args.sizes], key=lambda r: r["cells"])
+    results = {"model": args.model, "batch_size": args.batch_size, "machine": {"platform": platform.platform()},
+               "runs": runs}
     (results_dir / f"annotate_speed_{name}.json").write_text(json.dumps(results, indent=2))
     (results_dir / f"annotate_speed_{name}.md").write_text(render(results))
     print(render(results))
