@@ -19,6 +19,7 @@ import scipy.sparse as sp
 
 from conftest import CLASSIFIER_CLASSES as CLASSES
 from train.annotate import UNASSIGNED, annotate, annotate_file, main
+from train.novelty import DEFAULT_SCORE
 
 ROOT = Path(__file__).resolve().parents[1]
 COLUMNS = ("scbert_cell_type", "scbert_confidence", "scbert_is_novel", "scbert_novelty_score",
@@ -69,7 +70,7 @@ def test_annotate_streams_an_h5ad_and_returns_every_cell_in_order(classifier, wi
     assert set(known["scbert_cell_type"]) <= set(CLASSES) and (known["scbert_unassigned_reason"] == "").all()
     assert np.isfinite(annotated.obsm["X_scbert"][annotated.obs["scbert_cell_type"] != UNASSIGNED]).all()
     assert summary["unassigned"] == 2 and summary["cells"] == with_odd_cells.n_obs
-    assert annotated.uns["scbert"]["novelty"]["score"] == "expression_knn"
+    assert annotated.uns["scbert"]["novelty"]["score"] == DEFAULT_SCORE
     assert "raw counts detected" in annotated.uns["scbert"]["normalization"]
 
     # The same cells in memory, in one chunk: the same answers, whatever the chunking.

@@ -31,6 +31,7 @@ from train import finetune, pretrain
 from train.data import ClassificationCollator, LengthGroupedSampler, MaskedExpressionCollator, pack_padded_batch
 from train.loop import EMA_FILE, STATE_FILE, build_optimizer, checkpoint_dirs, resolve_checkpoint
 from train.metrics import balanced_log_loss, classification_metrics
+from train.novelty import DEFAULT_SCORE
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 ROOT = Path(__file__).resolve().parents[1]
@@ -625,7 +626,7 @@ def test_finetune_from_scratch_writes_results_and_labels(finetune_data, tmp_path
     assert any("eval_macro_f1" in r for r in records)
     # The open-set detector: thresholds for every score, the class statistics beside the weights.
     detector = config.novelty_detection
-    assert detector["score"] == "expression_knn" and set(detector["thresholds"]) == {
+    assert detector["score"] == DEFAULT_SCORE and set(detector["thresholds"]) == {
         "max_probability", "energy", "prototype_distance", "mahalanobis", "expression_knn"}
     assert (output / "model" / "novelty.safetensors").is_file()
     assert 0.0 <= saved["novelty_detection"]["test_flagged_share"] <= 1.0
@@ -673,7 +674,7 @@ def test_finetune_scbert_v1_from_scratch_keeps_the_full_panel(finetune_data, tmp
     assert GeneExpressionTokenizer.from_pretrained(output / "model").selected_genes is None
     # No cell embedding, so no embedding scores; the expression score needs none.
     detector = AutoConfig.from_pretrained(output / "model").novelty_detection
-    assert detector["score"] == "expression_knn" and "mahalanobis" not in detector["thresholds"]
+    assert detector["score"] in (DEFAULT_SCORE, "energy") and "mahalanobis" not in detector["thresholds"]
     assert "class_means" not in load_file(str(output / "model" / "novelty.safetensors"))
 
 

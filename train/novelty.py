@@ -126,6 +126,7 @@ def fit_novelty_detector(train: dict, validation: dict, num_classes: int, false_
     scores = novelty_scores(validation["logits"], validation.get("embeddings"), statistics,
                             validation.get("expression"))
     thresholds = {name: float(np.quantile(values, 1.0 - false_flag_rate)) for name, values in scores.items()}
+    # The default, or a logit score for a model and input that cannot compute it (no embedding, no expression).
     settings = {"score": DEFAULT_SCORE if DEFAULT_SCORE in thresholds else "energy", "thresholds": thresholds,
                 "false_flag_rate": false_flag_rate,
                 "fitted_on": f"statistics: {len(train['labels'])} training cells; thresholds: "
