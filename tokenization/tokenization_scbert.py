@@ -447,16 +447,21 @@ class GeneExpressionTokenizer(PushToHubMixin):
                       gene_key: str | None = None) -> sp.csr_matrix:
         """Cells x vocabulary-genes CSR matrix of log2 normalised values: the sparse form every mode starts from."""
         matrix, names = self._matrix_and_genes(adata_or_matrix, gene_names, gene_key)
-        vocab_index, report = self.match_genes(names)
+        selector, report = self.vocabulary_selector(names)
         X, report.normalization = self.normalize(matrix)
         self.last_report = report
         logger.info(str(report))
-        keep = np.flatnonzero(vocab_index >= 0)
-        # [cells, input genes] -> [cells, vocabulary genes]
-        selector = sp.csr_matrix(
-            (np.ones(keep.size, dtype=np.float32), (keep, vocab_index[keep])), shape=(len(names), self.num_genes)
-        )
         return sp.csr_matrix(X @ selector)
+
+    def vocabulary_selector(self, gene_names: Sequence[str]) -> tuple[sp.csr_matrix, GeneMatchReport]:
+        """The ``[input genes, vocabulary genes]`` 0/1 matrix that maps an input's columns onto the vocabulary (a
+        matrix product), and the match report; for inputs read in chunks, which share one gene list."""
+        vocab_index, report = self.match_genes(gene_names)
+        keep = np.flatnonzero(vocab_index >= 0)
+        selector = sp.csr_matrix(
+            (np.ones(keep.size, dtype=np.float32), (keep, vocab_index[keep])), shape=(len(vocab_index), self.num_genes)
+        )
+        return selector, report
 
     def _matrix_and_genes(self, data: Any, gene_names: Sequence[str] | None, gene_key: str | None):
         if hasattr(data, "X") and hasattr(data, "var_names") and hasattr(data, "obs"):

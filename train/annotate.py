@@ -152,21 +152,13 @@ class Annotator:
         probabilities = torch.softmax(torch.as_tensor(logits), dim=-1).numpy()
         id2label = self.model.config.id2label
         score_name = self.detector["score"]
-        scores = novelty_scores(logits, embeddings, self.statistics, expression)[score_name]
+        scores = novelty_scores(logits, embeddings, self.statistics, expression, names=[score_name])[score_name]
         result["cell_type"][rows] = [id2label[int(i)] for i in probabilities.argmax(-1)]
         result["confidence"][rows] = probabilities.max(-1)
         result["novelty_score"][rows] = scores
         result["is_novel"][rows] = scores > self.detector["thresholds"][score_name]
         if embeddings is not None:
             result["embeddings"][rows] = embeddings
-
-    def gene_selector(self, names: list[str]):
-        """The [input genes, vocabulary genes] 0/1 matrix that maps a chunk onto the vocabulary, and the report."""
-        vocab_index, report = self.tokenizer.match_genes(names)
-        keep = np.flatnonzero(vocab_index >= 0)
-        selector = sp.csr_matrix((np.ones(keep.size, dtype=np.float32), (keep, vocab_index[keep])),
-                                 shape=(len(names), self.tokenizer.num_genes))
-        return selector, report
 
     def describe(self, report, normalizations: set[str], results: dict, seconds: float) -> dict:
         """What was done, for ``uns["scbert"]`` (strings and numbers only: .h5ad stores no None)."""
@@ -182,11 +174,8 @@ class Annotator:
 
 
 def embedding_width(model) -> int | None:
-    pooled = getattr(model, "pool", None)
-    if pooled is None:
-        return None
-    config = model.config
-    return 2 * config.hidden_size if getattr(config, "pooling", "cls") == "mean_max" else config.hidden_size
+    """The width of the pooled cell vector the classification layer reads; None for a head without one."""
+    return model.classifier.in_features if hasattr(model, "pool") else None
 
 
 def iterate_chunks(annotator: Annotator, matrix, n_obs: int, selector, progress=None):
@@ -231,7 +220,7 @@ def annotate(adata, model: str | os.PathLike | torch.nn.Module, tokenizer=None, 
     from tokenization import GeneExpressionTokenizer
 
     start = time.perf_counter()
-    selector, report = annotator.gene_selector(GeneExpressionTokenizer._gene_names(adata, gene_key))
+    selector, report = annotator.tokenizer.vocabulary_selector(GeneExpressionTokenizer._gene_names(adata, gene_key))
     annotate_in_memory(annotator, adata, selector, report, progress_bar(adata.n_obs, progress), start)
     return adata
 
@@ -271,7 +260,7 @@ def annotate_file(path: str | os.PathLike, model: str | os.PathLike, output: str
                        genes_in_rows)
     partial = output.with_name(output.name + ".partial")
     try:
-        selector, report = annotator.gene_selector(GeneExpressionTokenizer._gene_names(adata, gene_key))
+        selector, report = annotator.tokenizer.vocabulary_selector(GeneExpressionTokenizer._gene_names(adata, gene_key))
         print(report, file=sys.stderr)
         bar = progress_bar(adata.n_obs, progress)
         if adata.isbacked:
@@ -327,7 +316,7 @@ def stream_h5ad(annotator: Annotator, adata, selector, report, partial: Path, ba
             result["embeddings"] = None
             normalizations.add(result.pop("normalization"))
             chunks.append(result)
-        results = concatenate([{**c, "normalization": ""} for c in chunks])
+        results = concatenate(chunks)
         obs = adata.obs.drop(columns=[c for c in adata.obs.columns if c.startswith("scbert_")])
         del handle["obs"]
         write_elem(handle, "obs", obs.join(obs_columns(results, obs.index)))
