@@ -69,7 +69,7 @@ def held_out_run(adata, label_key: str, novel_type: str, folder: Path, extra: li
 def score_folder(model_folder: Path, known, novel, label_key: str, novel_type: str) -> dict:
     from sklearn.metrics import f1_score, roc_auc_score
 
-    from train.annotate import load_classifier, predict_cells
+    from train.annotate import load_classifier, run_model
     from train.novelty import load_detector, novelty_scores
 
     model, tokenizer = load_classifier(model_folder, "cpu")
@@ -77,8 +77,8 @@ def score_folder(model_folder: Path, known, novel, label_key: str, novel_type: s
     label2id = model.config.label2id
     outputs = {}
     for part, cells in (("known", known), ("novel", novel)):
-        logits, embeddings, _ = predict_cells(model, tokenizer, cells)
         expression = tokenizer.encode_matrix(cells)
+        logits, embeddings = run_model(model, tokenizer, expression, 64)
         outputs[part] = {"logits": logits, "scores": novelty_scores(logits, embeddings, statistics, expression)}
     truth = np.array([label2id[t] for t in known.obs[label_key]])
     predicted = outputs["known"]["logits"].argmax(-1)

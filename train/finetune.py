@@ -364,8 +364,9 @@ def flagging_on_known_cells(test: dict, statistics, detector: dict, names: list[
     known types when a flagged cell counts as a wrong answer."""
     from sklearn.metrics import f1_score
 
-    flagged = novelty_scores(test["logits"], test["embeddings"], statistics, test["expression"])[detector["score"]] > \
-        detector["thresholds"][detector["score"]]
+    score = detector["score"]
+    flagged = novelty_scores(test["logits"], test["embeddings"], statistics, test["expression"],
+                             names=[score])[score] > detector["thresholds"][score]
     predictions = np.where(flagged, len(names), test["logits"].argmax(-1))
     return {"test_flagged_share": float(flagged.mean()),
             "test_macro_f1_with_flagging": float(f1_score(test["labels"], predictions, labels=np.unique(test["labels"]),

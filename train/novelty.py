@@ -47,27 +47,49 @@ def _unit(vectors: np.ndarray) -> np.ndarray:
     return vectors / np.maximum(np.linalg.norm(vectors, axis=-1, keepdims=True), 1e-12)
 
 
-def novelty_scores(logits: np.ndarray, embeddings: np.ndarray | None, statistics: dict[str, np.ndarray] | None,
-                   expression=None) -> dict[str, np.ndarray]:
-    """Every score this model and input support, one value per cell (higher: more novel). ``expression``: the cells'
-    log2-normalised values over the vocabulary (cells x vocabulary genes, sparse), for ``expression_knn``."""
-    logits = logits.astype(np.float64)
+def _max_probability(logits, embeddings, statistics, expression) -> np.ndarray:
+    return 1.0 - np.exp(_log_softmax(logits).max(-1))
+
+
+def _energy(logits, embeddings, statistics, expression) -> np.ndarray:
     top = logits.max(-1)
-    scores = {"max_probability": 1.0 - np.exp(_log_softmax(logits).max(-1)),
-              "energy": -(top + np.log(np.exp(logits - top[:, None]).sum(-1)))}
+    return -(top + np.log(np.exp(logits - top[:, None]).sum(-1)))
+
+
+def _prototype_distance(logits, embeddings, statistics, expression) -> np.ndarray:
+    return 1.0 - (_unit(embeddings) @ statistics["prototypes"].T).max(-1)
+
+
+def _mahalanobis(logits, embeddings, statistics, expression) -> np.ndarray:
+    # One class at a time: [cells, width] offsets, never a [cells, classes, width] block.
+    squared = np.full(len(embeddings), np.inf)
+    for mean in statistics["class_means"]:
+        offsets = embeddings - mean
+        squared = np.minimum(squared, np.sum((offsets @ statistics["precision"]) * offsets, axis=-1))
+    return np.sqrt(np.maximum(squared, 0.0))
+
+
+SCORE_FUNCTIONS = {"max_probability": _max_probability, "energy": _energy,
+                   "prototype_distance": _prototype_distance, "mahalanobis": _mahalanobis,
+                   "expression_knn": lambda logits, embeddings, statistics, expression:
+                   expression_knn_distance(expression, statistics)}
+
+
+def novelty_scores(logits: np.ndarray, embeddings: np.ndarray | None, statistics: dict[str, np.ndarray] | None,
+                   expression=None, names: list[str] | None = None) -> dict[str, np.ndarray]:
+    """The scores ``names`` (default: every score this model and input support) that can be computed, one value
+    per cell (higher: more novel). ``expression``: the cells' log2-normalised values over the vocabulary (cells x
+    vocabulary genes, sparse), for ``expression_knn``."""
     statistics = statistics or {}
+    available = list(LOGIT_SCORES)
     if embeddings is not None and "class_means" in statistics:
-        embeddings = embeddings.astype(np.float64)
-        scores["prototype_distance"] = 1.0 - (_unit(embeddings) @ statistics["prototypes"].T).max(-1)
-        # One class at a time: [cells, width] offsets, never a [cells, classes, width] block.
-        squared = np.full(len(embeddings), np.inf)
-        for mean in statistics["class_means"]:
-            offsets = embeddings - mean
-            squared = np.minimum(squared, np.sum((offsets @ statistics["precision"]) * offsets, axis=-1))
-        scores["mahalanobis"] = np.sqrt(np.maximum(squared, 0.0))
+        available += EMBEDDING_SCORES
     if expression is not None and "train_coordinates" in statistics:
-        scores["expression_knn"] = expression_knn_distance(expression, statistics)
-    return scores
+        available += EXPRESSION_SCORES
+    logits = logits.astype(np.float64)
+    embeddings = None if embeddings is None else embeddings.astype(np.float64)
+    return {name: SCORE_FUNCTIONS[name](logits, embeddings, statistics, expression)
+            for name in available if names is None or name in names}
 
 
 def expression_coordinates(expression, statistics: dict[str, np.ndarray]) -> np.ndarray:
