@@ -33,6 +33,8 @@ setup(
         # performer-pytorch 1.0.6 (the code scBERT vendors) is installed with --no-deps by .ci/setup_env: its
         # declared pytorch-fast-transformers dependency does not build. These are the pieces it really imports.
         "dev": ["pytest>=8", "einops>=0.7", "axial-positional-embedding>=0.2", "local-attention==1.4.4"],
+        # The drug-synergy task (train/synergy.py): Morgan fingerprints of the drugs' SMILES.
+        "synergy": ["rdkit>=2023.9"],
         # What benchmarks/ compares against: CellTypist (celltypist_cv.py), the int8 backends (int8_options.py).
         "bench": ["celltypist>=1.6", "torchao>=0.12", "onnxruntime>=1.20", "onnx>=1.17", "onnxscript>=0.3"],
     },

@@ -11,7 +11,9 @@ from .configuration_scbert import ScBertConfig
 from .configuration_scbert2 import ScBert2Config
 from .modeling_scbert import ScBertForMaskedLM, ScBertForSequenceClassification, ScBertModel, ScBertPreTrainedModel
 from .modeling_scbert2 import (
+    ScBert2ForDrugSynergy,
     ScBert2ForMaskedRegression,
+    ScBert2ForPerturbationPrediction,
     ScBert2ForSequenceClassification,
     ScBert2Model,
     ScBert2PreTrainedModel,
@@ -42,7 +44,9 @@ __all__ = [
     "ScBertPreTrainedModel",
     "ScBert2Config",
     "ScBert2Model",
+    "ScBert2ForDrugSynergy",
     "ScBert2ForMaskedRegression",
+    "ScBert2ForPerturbationPrediction",
     "ScBert2ForSequenceClassification",
     "ScBert2PreTrainedModel",
 ]

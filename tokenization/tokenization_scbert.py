@@ -309,6 +309,12 @@ class GeneExpressionTokenizer(PushToHubMixin):
             raise ValueError(self._low_overlap_message(names, report))
         return vocab_index, report
 
+    def gene_token_ids(self, gene_names: Sequence[str]) -> np.ndarray:
+        """Token id of each named gene (-1 if it is not in the vocabulary), matched as `match_genes` matches, without
+        its coverage check: for short gene lists such as a drug's targets or a perturbed gene."""
+        candidates, _ = self._find_candidates([str(g) for g in gene_names])
+        return np.where(candidates >= 0, candidates + self.num_special_tokens, -1)
+
     def _find_candidates(self, names: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """Each input's candidate vocabulary index (-1: none) and how it was found (a BY_* code, 0: not found)."""
         candidates = np.full(len(names), -1, dtype=np.int64)

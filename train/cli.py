@@ -21,6 +21,8 @@ COMMANDS = {
     "finetune": ("train.finetune", "fine-tune for cell type annotation, next to a logistic-regression baseline"),
     "annotate": ("train.annotate", "annotate cells (.h5ad, 10x .h5 or folder, CSV/TSV) with a fine-tuned folder, "
                  "flagging novel cell types"),
+    "synergy": ("train.synergy", "drug combination synergy from cell-line embeddings: `synergy train|predict`"),
+    "perturb": ("train.perturb", "Perturb-seq: predict knock-out effects on control cells: `perturb train|predict`"),
     "convert": ("modeling_scbert.convert_scbert_original_checkpoint",
                 "convert the published scBERT checkpoint (.pth) into a Hub folder"),
     "main": ("train.main", "the end-to-end main job: pretrain, fine-tune, compare with the baseline"),
@@ -45,6 +47,18 @@ def run_command(main: Callable, argv: list[str] | None = None) -> None:
             raise
         print(f"error: {error_message(error)}\n(run with --debug for the full traceback)", file=sys.stderr)
         sys.exit(1)
+
+
+def run_subcommand(command: str, subcommands: dict[str, Callable], doc: str, argv: list[str] | None) -> None:
+    """`scbert COMMAND SUB ...` for a tool with subcommands (e.g. `synergy train|predict`)."""
+    argv = list(argv or [])
+    if argv[:1] in (["-h"], ["--help"]):
+        print(doc)
+        return
+    if not argv or argv[0] not in subcommands:
+        raise ValueError(f"Usage: scbert {command} {{{'|'.join(subcommands)}}} ...; got {argv[:1] or 'nothing'}. "
+                         f"`scbert {command} {next(iter(subcommands))} --help` lists the flags.")
+    subcommands[argv[0]](argv[1:])
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -238,14 +238,18 @@ def tokens_in_batch(batch: dict[str, Any]) -> int:
     """Number of real (non-padding) tokens of a padded batch or a packed row."""
     if "attention_mask" in batch:
         return int(batch["attention_mask"].sum())
-    return int(batch["input_ids"].numel())
+    if "input_ids" in batch:
+        return int(batch["input_ids"].numel())
+    return 0  # precomputed cell embeddings (the synergy head's frozen encoder): no tokens
 
 
 def cells_in_batch(batch: dict[str, Any]) -> int:
     """Number of cells of a padded batch or a packed row."""
     if "cu_seq_lens_q" in batch:
         return int(batch["cu_seq_lens_q"].shape[0]) - 1
-    return int(batch["input_ids"].shape[0])
+    if "input_ids" in batch:
+        return int(batch["input_ids"].shape[0])
+    return int(batch["labels"].shape[0])  # a batch of precomputed cell embeddings: one row each
 
 
 class _SeededCollator:

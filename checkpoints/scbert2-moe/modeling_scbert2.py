@@ -328,6 +328,13 @@ class ScBert2PreTrainedModel(PreTrainedModel):
             init.normal_(module.pad_value_embedding, mean=0.0, std=std)
         elif isinstance(module, ScBert2AutoDiscretizationEmbedding):
             init.constant_(module.alpha, self.config.value_alpha)
+        elif isinstance(module, ScBert2ForDrugSynergy):
+            init.zeros_(module.cell_embedding_mean)
+            init.ones_(module.cell_embedding_std)
+        elif isinstance(module, ScBert2ForPerturbationPrediction):
+            init.normal_(module.knockout_embedding, mean=0.0, std=std)
+            init.zeros_(module.output_bias)
+            init.zeros_(module.knockout_self_effect)
 
     def load_gene_embeddings(self, embeddings: torch.Tensor | np.ndarray, freeze: bool = False) -> None:
         """Initialise the gene embedding from an external matrix (e.g. gene2vec, ESM or GenePT gene vectors).
@@ -630,6 +637,67 @@ def adjust_logits(logits: torch.Tensor, config) -> torch.Tensor:
     return logits + (config.logit_adjustment_tau * log_prior).to(logits.dtype)
 
 
+def pooled_size(config: ScBert2Config) -> int:
+    """Width of a [`pool_cells`] cell embedding."""
+    return 2 * config.hidden_size if config.pooling == "mean_max" else config.hidden_size
+
+
+def pool_cells(
+    config: ScBert2Config,
+    last_hidden_state: torch.Tensor,
+    input_ids: torch.LongTensor,
+    attention_mask: torch.Tensor | None,
+    cu_seq_lens: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """One vector per cell from the encoder's last hidden states: the CLS token (`pooling="cls"`), the mean over the
+    cell's non-padding gene tokens (`"mean"`), or that mean next to their elementwise maximum (`"mean_max"`, twice
+    the width).
+
+    Padded batch: [B, L, H] -> [B, H] (or [B, 2H]). Packed row with boundaries `cu_seq_lens` [N + 1]:
+    [1, T, H] -> [N, H] (or [N, 2H]).
+    """
+    if cu_seq_lens is None:
+        first_ids, first_states = input_ids[:, 0], last_hidden_state[:, 0]
+    else:
+        cell_starts = cu_seq_lens[:-1].long()
+        first_ids, first_states = input_ids[0, cell_starts], last_hidden_state[0, cell_starts]
+    if config.pooling == "cls":
+        if not torch.compiler.is_compiling() and not bool((first_ids == config.cls_token_id).all()):
+            raise ValueError(
+                f"pooling='cls' needs the CLS token (id {config.cls_token_id}) at position 0 of every cell; "
+                "tokenize with add_cls_token=True or use pooling='mean'."
+            )
+        return first_states
+    lowest = torch.finfo(last_hidden_state.dtype).min
+    if cu_seq_lens is not None:
+        # Per-cell sums and maxima by scattering each token into its cell's row; CLS tokens take no part.
+        token_states = last_hidden_state[0]  # [1, T, H] -> [T, H]
+        gene_mask = (input_ids[0] != config.cls_token_id).unsqueeze(-1)  # [1, T] -> [T] -> [T, 1]
+        segment_ids = packed_segment_ids(cu_seq_lens, token_states.shape[0])
+        num_cells = cu_seq_lens.shape[0] - 1
+        summed = token_states.new_zeros(num_cells, token_states.shape[-1]).index_add(
+            0, segment_ids, torch.where(gene_mask, token_states, 0.0)
+        )
+        counts = token_states.new_zeros(num_cells, 1).index_add(0, segment_ids, gene_mask.to(token_states.dtype))
+        if config.pooling == "mean_max":
+            maxima = token_states.new_full((num_cells, token_states.shape[-1]), lowest).index_reduce(
+                0, segment_ids, torch.where(gene_mask, token_states, lowest), "amax"
+            )
+    else:
+        if attention_mask is None:
+            attention_mask = input_ids != config.pad_token_id
+        gene_mask = (attention_mask.bool() & (input_ids != config.cls_token_id)).unsqueeze(-1)  # [B, L, 1]
+        summed = torch.where(gene_mask, last_hidden_state, 0.0).sum(dim=1)
+        counts = gene_mask.sum(dim=1).to(summed.dtype)
+        if config.pooling == "mean_max":
+            maxima = torch.where(gene_mask, last_hidden_state, lowest).amax(dim=1)
+    mean = summed / counts.clamp(min=1)
+    if config.pooling == "mean":
+        return mean
+    maxima = torch.where(counts > 0, maxima, 0.0)  # a cell without gene tokens pools to zeros, as its mean does
+    return torch.cat([mean, maxima], dim=-1)  # [N, H] + [N, H] -> [N, 2H]
+
+
 class ScBert2ForSequenceClassification(ScBert2PreTrainedModel):
     """Cell-level classification or regression from the CLS token or the mean over the gene tokens."""
 
@@ -638,8 +706,7 @@ class ScBert2ForSequenceClassification(ScBert2PreTrainedModel):
         self.num_labels = config.num_labels
         self.model = ScBert2Model(config)
         self.dropout = nn.Dropout(config.classifier_dropout)
-        pooled_size = 2 * config.hidden_size if config.pooling == "mean_max" else config.hidden_size
-        self.classifier = nn.Linear(pooled_size, config.num_labels)
+        self.classifier = nn.Linear(pooled_size(config), config.num_labels)
         self.post_init()
 
     def pool(
@@ -649,52 +716,8 @@ class ScBert2ForSequenceClassification(ScBert2PreTrainedModel):
         attention_mask: torch.Tensor | None,
         cu_seq_lens: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """One vector per cell: the CLS token (`pooling="cls"`), the mean over the cell's non-padding gene tokens
-        (`"mean"`), or that mean next to their elementwise maximum (`"mean_max"`, twice the width).
-
-        Padded batch: [B, L, H] -> [B, H] (or [B, 2H]). Packed row with boundaries `cu_seq_lens` [N + 1]:
-        [1, T, H] -> [N, H] (or [N, 2H]).
-        """
-        if cu_seq_lens is None:
-            first_ids, first_states = input_ids[:, 0], last_hidden_state[:, 0]
-        else:
-            cell_starts = cu_seq_lens[:-1].long()
-            first_ids, first_states = input_ids[0, cell_starts], last_hidden_state[0, cell_starts]
-        if self.config.pooling == "cls":
-            if not torch.compiler.is_compiling() and not bool((first_ids == self.config.cls_token_id).all()):
-                raise ValueError(
-                    f"pooling='cls' needs the CLS token (id {self.config.cls_token_id}) at position 0 of every cell; "
-                    "tokenize with add_cls_token=True or use pooling='mean'."
-                )
-            return first_states
-        lowest = torch.finfo(last_hidden_state.dtype).min
-        if cu_seq_lens is not None:
-            # Per-cell sums and maxima by scattering each token into its cell's row; CLS tokens take no part.
-            token_states = last_hidden_state[0]  # [1, T, H] -> [T, H]
-            gene_mask = (input_ids[0] != self.config.cls_token_id).unsqueeze(-1)  # [1, T] -> [T] -> [T, 1]
-            segment_ids = packed_segment_ids(cu_seq_lens, token_states.shape[0])
-            num_cells = cu_seq_lens.shape[0] - 1
-            summed = token_states.new_zeros(num_cells, token_states.shape[-1]).index_add(
-                0, segment_ids, torch.where(gene_mask, token_states, 0.0)
-            )
-            counts = token_states.new_zeros(num_cells, 1).index_add(0, segment_ids, gene_mask.to(token_states.dtype))
-            if self.config.pooling == "mean_max":
-                maxima = token_states.new_full((num_cells, token_states.shape[-1]), lowest).index_reduce(
-                    0, segment_ids, torch.where(gene_mask, token_states, lowest), "amax"
-                )
-        else:
-            if attention_mask is None:
-                attention_mask = input_ids != self.config.pad_token_id
-            gene_mask = (attention_mask.bool() & (input_ids != self.config.cls_token_id)).unsqueeze(-1)  # [B, L, 1]
-            summed = torch.where(gene_mask, last_hidden_state, 0.0).sum(dim=1)
-            counts = gene_mask.sum(dim=1).to(summed.dtype)
-            if self.config.pooling == "mean_max":
-                maxima = torch.where(gene_mask, last_hidden_state, lowest).amax(dim=1)
-        mean = summed / counts.clamp(min=1)
-        if self.config.pooling == "mean":
-            return mean
-        maxima = torch.where(counts > 0, maxima, 0.0)  # a cell without gene tokens pools to zeros, as its mean does
-        return torch.cat([mean, maxima], dim=-1)  # [N, H] + [N, H] -> [N, 2H]
+        """The cell embedding the classifier reads: [`pool_cells`] with this model's `config.pooling`."""
+        return pool_cells(self.config, last_hidden_state, input_ids, attention_mask, cu_seq_lens)
 
     @can_return_tuple
     def forward(
@@ -750,9 +773,242 @@ class ScBert2ForSequenceClassification(ScBert2PreTrainedModel):
         )
 
 
+@dataclass
+class DrugSynergyOutput(ModelOutput):
+    """
+    Args:
+        loss (`torch.FloatTensor` of shape `()`, *optional*, returned with `labels`):
+            Mean squared error of the predicted synergy scores.
+        predictions (`torch.FloatTensor` of shape `(batch_size,)`):
+            The predicted synergy score of each (drug A, drug B, cell line) row.
+        cell_embeddings (`torch.FloatTensor` of shape `(batch_size, pooled_size)`):
+            The cell line's embedding the prediction read (pooled encoder output, or the one passed in).
+        drug_embeddings (`tuple(torch.FloatTensor)`):
+            Drug A's and drug B's vectors, each `(batch_size, synergy_hidden_size)`.
+    """
+
+    loss: torch.FloatTensor | None = None
+    predictions: torch.FloatTensor | None = None
+    cell_embeddings: torch.FloatTensor | None = None
+    drug_embeddings: tuple[torch.FloatTensor, torch.FloatTensor] | None = None
+
+
+class ScBert2DrugEncoder(nn.Module):
+    """A drug as one vector: its Morgan fingerprint and the mean gene embedding of its known target genes."""
+
+    def __init__(self, config: ScBert2Config):
+        super().__init__()
+        self.fingerprint_proj = nn.Linear(config.drug_fingerprint_size, config.synergy_hidden_size)
+        self.target_proj = nn.Linear(config.hidden_size, config.synergy_hidden_size, bias=False)
+        self.act_fn = ACT2FN[config.hidden_act]
+
+    def forward(self, fingerprints: torch.Tensor, target_embeddings: torch.Tensor) -> torch.Tensor:
+        # [B, F] and [B, H] -> [B, S]
+        return self.act_fn(self.fingerprint_proj(fingerprints) + self.target_proj(target_embeddings))
+
+
+class ScBert2CellEmbeddingHead(ScBert2PreTrainedModel):
+    """Shared by the task heads that read one pooled embedding per cell from the encoder (`self.model`), which a
+    frozen-encoder training run computes once and passes in as `cell_embeddings`."""
+
+    def embed_cells(
+        self, input_ids: torch.LongTensor, values: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None, bin_ids: torch.LongTensor | None = None,
+    ) -> torch.Tensor:
+        """Pooled encoder output of tokenized cells (padded batch): [B, L] -> [B, pooled_size]."""
+        outputs = self.model(input_ids, values=values, bin_ids=bin_ids, attention_mask=attention_mask)
+        return pool_cells(self.config, outputs.last_hidden_state, input_ids, attention_mask)
+
+    def cell_embeddings(self, input_ids, values, attention_mask, cell_embeddings) -> torch.Tensor:
+        """The precomputed embeddings when given, else those of the tokenized cells."""
+        if cell_embeddings is not None:
+            return cell_embeddings
+        if input_ids is None:
+            raise ValueError("Pass the cells either tokenized (input_ids, values) or as cell_embeddings.")
+        return self.embed_cells(input_ids, values=values, attention_mask=attention_mask)
+
+
+class ScBert2ForDrugSynergy(ScBert2CellEmbeddingHead):
+    """Synergy score of a drug pair on a cell line: the cell line through the encoder (pooled as
+    `config.pooling`), each drug through [`ScBert2DrugEncoder`] (its targets read from the encoder's gene table), the
+    pair as the sum and the elementwise product of the two drug vectors, so swapping A and B cannot change the
+    prediction."""
+
+    def __init__(self, config: ScBert2Config):
+        super().__init__(config)
+        self.model = ScBert2Model(config)
+        self.drug_encoder = ScBert2DrugEncoder(config)
+        self.cell_proj = nn.Linear(pooled_size(config), config.synergy_hidden_size)
+        self.act_fn = ACT2FN[config.hidden_act]
+        self.dropout = nn.Dropout(config.classifier_dropout)
+        self.hidden_layers = nn.ModuleList(
+            nn.Linear((3 if i == 0 else 1) * config.synergy_hidden_size, config.synergy_hidden_size)
+            for i in range(config.synergy_num_hidden_layers)
+        )
+        self.score_proj = nn.Linear(config.synergy_hidden_size, 1)
+        # Pooled embeddings of different cell lines share one dominant direction (cosine similarity 0.99998 between
+        # O'Neil's 35 lines from the pretrained encoder), so the head reads them standardised per dimension, with the
+        # statistics of the training cell lines (`set_cell_statistics`), saved with the weights.
+        self.register_buffer("cell_embedding_mean", torch.zeros(pooled_size(config)))
+        self.register_buffer("cell_embedding_std", torch.ones(pooled_size(config)))
+        self.post_init()
+
+    @torch.no_grad()
+    def set_cell_statistics(self, cell_embeddings: torch.Tensor) -> None:
+        """Standardise cell embeddings with the mean and standard deviation of these [N, pooled_size] embeddings."""
+        if cell_embeddings.shape[0] < 2:
+            raise ValueError(f"Cell statistics need at least 2 cell embeddings, got {cell_embeddings.shape[0]}.")
+        self.cell_embedding_mean.copy_(cell_embeddings.mean(dim=0))
+        self.cell_embedding_std.copy_(cell_embeddings.std(dim=0).clamp(min=1e-6))
+
+    def target_embeddings(self, target_ids: torch.LongTensor) -> torch.Tensor:
+        """Mean gene embedding of each drug's target genes, right-padded with `pad_token_id`; zeros for a drug
+        without targets: [B, T] -> [B, H]."""
+        known = (target_ids != self.config.pad_token_id).unsqueeze(-1)  # [B, T] -> [B, T, 1]
+        embedded = self.model.embeddings.gene_embeddings(target_ids)  # [B, T] -> [B, T, H]
+        return torch.where(known, embedded, 0.0).sum(dim=1) / known.sum(dim=1).clamp(min=1)
+
+    def forward(
+        self,
+        drug_a_fingerprints: torch.Tensor,
+        drug_a_target_ids: torch.LongTensor,
+        drug_b_fingerprints: torch.Tensor,
+        drug_b_target_ids: torch.LongTensor,
+        input_ids: torch.LongTensor | None = None,
+        values: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        cell_embeddings: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        **kwargs,
+    ) -> DrugSynergyOutput:
+        r"""
+        Args:
+            drug_a_fingerprints, drug_b_fingerprints (`torch.FloatTensor` of shape `(batch_size, drug_fingerprint_size)`):
+                Morgan fingerprint bits of each row's two drugs (all zeros for a drug known only by its targets).
+            drug_a_target_ids, drug_b_target_ids (`torch.LongTensor` of shape `(batch_size, num_targets)`):
+                Gene token ids of each drug's known targets, right-padded with `pad_token_id`.
+            input_ids, values, attention_mask: the cell line of each row, tokenized (see [`ScBert2Model.forward`]).
+            cell_embeddings (`torch.FloatTensor` of shape `(batch_size, pooled_size)`, *optional*): instead of the
+                tokenized cell line, its [`embed_cells`] output computed once (the encoder is frozen in training).
+            labels (`torch.FloatTensor` of shape `(batch_size,)`, *optional*): observed synergy scores.
+        """
+        cell_embeddings = self.cell_embeddings(input_ids, values, attention_mask, cell_embeddings)
+        drug_a = self.drug_encoder(drug_a_fingerprints, self.target_embeddings(drug_a_target_ids))
+        drug_b = self.drug_encoder(drug_b_fingerprints, self.target_embeddings(drug_b_target_ids))
+        # [B, S] each -> [B, 3S]: the cell next to two symmetric functions of the pair
+        cells = (cell_embeddings - self.cell_embedding_mean) / self.cell_embedding_std
+        features = torch.cat([self.act_fn(self.cell_proj(cells)), drug_a + drug_b, drug_a * drug_b], dim=-1)
+        hidden = self.dropout(features)
+        for layer in self.hidden_layers:
+            hidden = self.dropout(self.act_fn(layer(hidden)))  # [B, 3S] -> [B, S] -> ... [B, S]
+        predictions = self.score_proj(hidden).squeeze(-1)  # [B, 1] -> [B]
+
+        loss = None
+        if labels is not None:
+            loss = F.mse_loss(predictions, labels.to(predictions.dtype))
+        return DrugSynergyOutput(
+            loss=loss, predictions=predictions, cell_embeddings=cell_embeddings, drug_embeddings=(drug_a, drug_b)
+        )
+
+
+@dataclass
+class PerturbationOutput(ModelOutput):
+    """
+    Args:
+        loss (`torch.FloatTensor` of shape `()`, *optional*, returned with `labels`):
+            Mean squared error of the predicted perturbed expression over the output genes.
+        predictions (`torch.FloatTensor` of shape `(batch_size, num_output_genes)`):
+            Predicted log2 expression of `config.perturbation_gene_ids` after the perturbation: the control cell's
+            expression plus `deltas`.
+        deltas (`torch.FloatTensor` of shape `(batch_size, num_output_genes)`):
+            The predicted change.
+        cell_embeddings (`torch.FloatTensor` of shape `(batch_size, pooled_size)`):
+            The control cell's embedding the prediction read.
+    """
+
+    loss: torch.FloatTensor | None = None
+    predictions: torch.FloatTensor | None = None
+    deltas: torch.FloatTensor | None = None
+    cell_embeddings: torch.FloatTensor | None = None
+
+
+class ScBert2ForPerturbationPrediction(ScBert2CellEmbeddingHead):
+    """Expression of a control cell after a single-gene knock-out. The target enters as its gene token (the gene
+    table's row, whether or not the gene is measured) plus a learned knock-out embedding; the change of each output
+    gene is the dot product of a hidden state of (cell, perturbation) with a projection of that gene's own row of the
+    gene table, so output genes and unseen targets both draw on the pretrained gene embeddings."""
+
+    def __init__(self, config: ScBert2Config):
+        super().__init__(config)
+        if not config.perturbation_gene_ids:
+            raise ValueError("ScBert2ForPerturbationPrediction needs `config.perturbation_gene_ids`: the token ids of "
+                             "the genes it predicts (the measured panel).")
+        self.model = ScBert2Model(config)
+        width = config.synergy_hidden_size
+        self.knockout_embedding = nn.Parameter(torch.empty(config.hidden_size))
+        self.perturbation_proj = nn.Linear(config.hidden_size, width)
+        self.cell_proj = nn.Linear(pooled_size(config), width)
+        self.act_fn = ACT2FN[config.hidden_act]
+        self.dropout = nn.Dropout(config.classifier_dropout)
+        self.hidden_proj = nn.Linear(2 * width, width)
+        self.output_gene_proj = nn.Linear(config.hidden_size, width)
+        self.output_bias = nn.Parameter(torch.empty(len(config.perturbation_gene_ids)))
+        # A knock-out's first effect is on its own target: where the target is an output gene, that gene's
+        # expression is scaled by (1 + knockout_self_effect) on top of the learned change, for any target.
+        self.knockout_self_effect = nn.Parameter(torch.empty(()))
+        self.post_init()
+
+    def forward(
+        self,
+        perturbation_ids: torch.LongTensor,
+        control_expression: torch.Tensor,
+        input_ids: torch.LongTensor | None = None,
+        values: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        cell_embeddings: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        **kwargs,
+    ) -> PerturbationOutput:
+        r"""
+        Args:
+            perturbation_ids (`torch.LongTensor` of shape `(batch_size,)`): gene token id of each cell's knocked-out
+                target.
+            control_expression (`torch.FloatTensor` of shape `(batch_size, num_output_genes)`): the control cell's
+                log2 expression of `config.perturbation_gene_ids` (0 where not expressed).
+            input_ids, values, attention_mask: the control cell, tokenized (see [`ScBert2Model.forward`]).
+            cell_embeddings (`torch.FloatTensor` of shape `(batch_size, pooled_size)`, *optional*): instead of the
+                tokenized cell, its [`embed_cells`] output computed once (the encoder is frozen in training).
+            labels (`torch.FloatTensor` of shape `(batch_size, num_output_genes)`, *optional*): observed perturbed
+                log2 expression (e.g. the perturbation's mean profile).
+        """
+        cell_embeddings = self.cell_embeddings(input_ids, values, attention_mask, cell_embeddings)
+        gene_table = self.model.embeddings.gene_embeddings
+        perturbation = self.act_fn(self.perturbation_proj(gene_table(perturbation_ids) + self.knockout_embedding))
+        cell = self.act_fn(self.cell_proj(cell_embeddings))
+        # [B, S] + [B, S] -> [B, 2S] -> [B, S]
+        hidden = self.dropout(self.act_fn(self.hidden_proj(self.dropout(torch.cat([cell, perturbation], dim=-1)))))
+        output_ids = torch.tensor(self.config.perturbation_gene_ids, device=perturbation_ids.device)
+        output_genes = self.output_gene_proj(gene_table(output_ids))  # [G] -> [G, H] -> [G, S]
+        deltas = hidden @ output_genes.T + self.output_bias  # [B, S] x [S, G] -> [B, G]
+        is_target = output_ids.unsqueeze(0) == perturbation_ids.unsqueeze(1)  # [1, G] vs [B, 1] -> [B, G]
+        deltas = deltas + torch.where(is_target, self.knockout_self_effect * control_expression, 0.0)
+        predictions = control_expression + deltas
+
+        loss = None
+        if labels is not None:
+            loss = F.mse_loss(predictions, labels.to(predictions.dtype))
+        return PerturbationOutput(loss=loss, predictions=predictions, deltas=deltas, cell_embeddings=cell_embeddings)
+
+
 __all__ = [
+    "DrugSynergyOutput",
     "MaskedRegressionOutput",
+    "ScBert2CellEmbeddingHead",
+    "ScBert2DrugEncoder",
+    "ScBert2ForDrugSynergy",
+    "PerturbationOutput",
     "ScBert2ForMaskedRegression",
+    "ScBert2ForPerturbationPrediction",
     "ScBert2ForSequenceClassification",
     "ScBert2Model",
     "ScBert2ModelOutput",

@@ -142,6 +142,18 @@ class ScBert2Config(PreTrainedConfig):
             flagged by, `thresholds` (score name -> threshold chosen on validation cells of the known types; a cell
             scoring above it is flagged novel) and how they were chosen. Its class statistics are in the folder's
             `novelty.safetensors`.
+        drug_fingerprint_size (`int`, defaults to 1024):
+            Drug-synergy head: bits of the Morgan fingerprint each drug is given as.
+        drug_fingerprint_radius (`int`, defaults to 2):
+            Drug-synergy head: radius of that fingerprint (2 is ECFP4), recorded so predictions compute it alike.
+        synergy_hidden_size (`int`, defaults to 256):
+            Drug-synergy and perturbation heads: width of their hidden layers (drug vectors, projected cell embedding,
+            regressor; perturbation vector and the hidden state of cell and perturbation).
+        synergy_num_hidden_layers (`int`, defaults to 2):
+            Drug-synergy head: hidden layers of the regressor over the cell and drug-pair features.
+        perturbation_gene_ids (`list[int]`, *optional*):
+            Perturbation head: token ids of the genes whose expression it predicts (the measured panel), in output
+            order; required by `ScBert2ForPerturbationPrediction`.
 
     Example:
 
@@ -188,6 +200,11 @@ class ScBert2Config(PreTrainedConfig):
     class_prior: list[float | int] | None = class_frequencies(default=None)
     logit_adjustment_tau: float | int = non_negative_finite(default=0.0)
     novelty_detection: dict | None = novelty_settings(default=None)
+    drug_fingerprint_size: int = positive_int(default=1024)
+    drug_fingerprint_radius: int = positive_int(default=2)
+    synergy_hidden_size: int = positive_int(default=256)
+    synergy_num_hidden_layers: int = positive_int(default=2)
+    perturbation_gene_ids: list[int] | None = None
 
     def __post_init__(self, **kwargs):
         # A head_dim that does not divide hidden_size is left unset, for validate_architecture to report.
@@ -240,6 +257,15 @@ class ScBert2Config(PreTrainedConfig):
         for name, value in special.items():
             if not 0 <= value < self.vocab_size:
                 raise ValueError(f"`{name}` must be in [0, vocab_size={self.vocab_size}), got {value}.")
+        genes = self.perturbation_gene_ids
+        if genes is not None:
+            first_gene = max(special.values()) + 1
+            outside = [i for i in genes if not first_gene <= i < self.vocab_size]
+            if outside or len(set(genes)) != len(genes):
+                raise ValueError(
+                    f"`perturbation_gene_ids` must be distinct gene token ids in [{first_gene}, {self.vocab_size}); "
+                    f"got {len(genes)} ids, {len(genes) - len(set(genes))} repeated, outside: {outside[:5]}."
+                )
 
     def validate_logit_adjustment(self):
         """Part of `@strict`-powered validation: the adjustment needs a prior, with one frequency per label."""
