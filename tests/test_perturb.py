@@ -106,6 +106,18 @@ def synthetic_screen() -> perturb.PerturbSeq:
     return perturb.PerturbSeq(ad.AnnData(expression), expression, ["g1", "g2"], np.array([3, 4]), labels, "ctrl")
 
 
+def test_top_de_genes_rank_down_and_up_regulated_genes_by_size():
+    rng = np.random.default_rng(0)
+    control, knocked = rng.normal(2, 0.1, size=(50, 4)), rng.normal(2, 0.1, size=(50, 4))
+    knocked[:, 1] -= 1.5  # the knock-down
+    knocked[:, 3] += 0.5
+    expression = np.vstack([control, knocked]).astype(np.float32)
+    labels = np.array(["ctrl"] * 50 + ["A"] * 50)
+    screen = perturb.PerturbSeq(ad.AnnData(expression), expression, ["g0", "g1", "g2", "g3"], np.arange(3, 7),
+                                labels, "ctrl")
+    assert perturb.top_de_genes(screen, ["A"], n=2)["A"].tolist() == [1, 3]
+
+
 def test_mean_shift_and_linear_baselines_use_only_training_targets():
     screen = synthetic_screen()
     table = np.random.default_rng(0).normal(size=(10, 4))

@@ -121,14 +121,15 @@ def fold_targets(targets: list[str], seed: int = 0) -> list[list[str]]:
 
 # ---------------------------------------------------------------------------------------------------- metrics
 def top_de_genes(screen: PerturbSeq, targets: list[str], n: int = TOP_DE_GENES) -> dict[str, np.ndarray]:
-    """Each target's top-n differentially expressed panel genes against the controls (scanpy's t-test, by score as
-    GEARS ranks them), as column indices."""
+    """Each target's top-n differentially expressed panel genes against the controls (scanpy's t-test, by absolute
+    score as GEARS ranks them: down- and up-regulated alike), as column indices."""
     import scanpy as sc
 
     keep = np.isin(screen.perturbation, [*targets, screen.control])
     cells = ad.AnnData(screen.expression[keep], obs=pd.DataFrame({"group": screen.perturbation[keep]}).astype("category"))
     cells.var_names = [f"g{i}" for i in range(cells.n_vars)]
-    sc.tl.rank_genes_groups(cells, "group", groups=targets, reference=screen.control, method="t-test", n_genes=n)
+    sc.tl.rank_genes_groups(cells, "group", groups=targets, reference=screen.control, method="t-test", n_genes=n,
+                            rankby_abs=True)
     names = cells.uns["rank_genes_groups"]["names"]
     return {t: np.array([int(name[1:]) for name in names[t]]) for t in targets}
 
