@@ -36,6 +36,11 @@ for _config, (_base, _masked, _classifier) in _AUTO_CLASSES.items():
     _masked.register_for_auto_class("AutoModelForMaskedLM")
     _classifier.register_for_auto_class("AutoModelForSequenceClassification")
 
+# The task heads without an Auto class of their own: their saved folders carry the model code too, and there
+# AutoModel (remote code) loads the head itself; with this package imported, AutoModel stays the encoder.
+for _head in (ScBert2ForDrugSynergy, ScBert2ForPerturbationPrediction):
+    _head.register_for_auto_class("AutoModel")
+
 __all__ = [
     "ScBertConfig",
     "ScBertModel",

@@ -52,7 +52,7 @@ def test_prediction_is_the_control_plus_the_change_and_the_target_is_knocked_dow
     torch.testing.assert_close(moved, expected)
 
 
-def test_precomputed_embeddings_round_trip_and_loss(tmp_path):
+def test_precomputed_embeddings_round_trip_and_loss(tmp_path, remote_code_predictions):
     model, batch = tiny_head(), inputs()
     with torch.no_grad():
         cells = model.embed_cells(batch["input_ids"], batch["values"])
@@ -64,6 +64,9 @@ def test_precomputed_embeddings_round_trip_and_loss(tmp_path):
     assert loaded.config.perturbation_gene_ids == OUTPUT_GENES
     with torch.no_grad():
         torch.testing.assert_close(loaded(**batch).predictions, direct)
+    name, remote = remote_code_predictions(tmp_path, batch)  # as remote code, without this package
+    assert name == "ScBert2ForPerturbationPrediction"
+    np.testing.assert_allclose(remote, direct.numpy(), atol=1e-5)
     labels = torch.zeros(2, 3)
     output = loaded(**batch, labels=labels)
     torch.testing.assert_close(output.loss, torch.nn.functional.mse_loss(output.predictions, labels))

@@ -98,7 +98,7 @@ def test_loss_is_the_mean_squared_error_and_reaches_every_head_parameter():
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
 
 
-def test_save_load_round_trip_and_folded_scale(tmp_path):
+def test_save_load_round_trip_and_folded_scale(tmp_path, remote_code_predictions):
     model, inputs = tiny_head(), random_inputs()
     scaled = synergy.fold_scale_into_output(model, mean=6.0, std=20.0)
     with torch.no_grad():
@@ -109,6 +109,9 @@ def test_save_load_round_trip_and_folded_scale(tmp_path):
     assert loaded.config.drug_fingerprint_size == 32 and loaded.config.synergy_hidden_size == 16
     with torch.no_grad():
         torch.testing.assert_close(loaded(**inputs).predictions, rescaled)
+    name, remote = remote_code_predictions(tmp_path, inputs)  # the folder as a Hub user without this package gets it
+    assert name == "ScBert2ForDrugSynergy"
+    np.testing.assert_allclose(remote, rescaled.numpy(), atol=1e-5)
 
 
 def test_the_oneil_folder_reads_into_drug_and_cell_line_tables(oneil):
