@@ -11,7 +11,8 @@ on the same validation rows:
 - `scbert2_scratch`: the same with a randomly initialised encoder (`--from_scratch`): what pretraining adds;
 - `deepsynergy_mlp`: DeepSynergy-style MLP (Preuer et al. 2018) on the raw expression of all 2,401 genes and the same
   drug features (Morgan bits + target multi-hot) of A and B, trained on both orders and averaged over both at
-  prediction; narrower than DeepSynergy's 8192-4096 layers (512-256) for this CPU;
+  prediction, features normalised as DeepSynergy does (standardise, tanh, standardise); narrower than its 8192-4096
+  layers (512-256) for this CPU;
 - `one_hot_mlp`: drug identities (one-hot of A plus one-hot of B) and cell-line identity only (SynVerse's baseline).
 Metrics per test fold: Pearson, Spearman, RMSE; mean and standard deviation over folds. Writes
 benchmarks/results/synergy/synergy.json, synergy.md and synergy.png.
@@ -69,15 +70,28 @@ class FeatureMLP(nn.Module):
         return self.layers(features).squeeze(-1)  # [B, 1] -> [B]
 
 
-def fit_mlp(views: dict[str, list[np.ndarray]], y: np.ndarray, split: dict[str, np.ndarray], hidden: tuple[int, ...],
-            input_dropout: float, dropout: float, epochs: int, patience: int = 10, seed: int = 42) -> np.ndarray:
+def standardiser(train: np.ndarray):
+    """z-scores with the training rows' statistics; a column constant in training (e.g. a held-out cell line's
+    one-hot column) is only centred."""
+    centre, scale = train.mean(0), train.std(0)
+    scale[scale < 1e-6] = 1.0
+    return lambda x: (x - centre) / scale
+
+
+def fit_mlp(views: list[np.ndarray], y: np.ndarray, split: dict[str, np.ndarray], hidden: tuple[int, ...],
+            input_dropout: float, dropout: float, tanh_norm: bool, epochs: int, patience: int = 10,
+            seed: int = 42) -> np.ndarray:
     """Trains on every view (feature matrix) of the training rows, early-stops on the validation RMSE of the views'
-    mean prediction, and returns that mean prediction for the test rows. Features standardised on the training rows."""
+    mean prediction, and returns that mean prediction for the test rows. Features standardised on the training rows;
+    with `tanh_norm`, DeepSynergy's normalisation (standardise, tanh, standardise again), which keeps the features of
+    an unseen cell line from landing far outside the training range."""
     torch.manual_seed(seed)
     train = np.concatenate([view[split["train"]] for view in views])
-    centre, scale = train.mean(0), train.std(0)
-    scale[scale < 1e-6] = 1.0  # constant in training (e.g. a held-out cell line's one-hot column): left unscaled
-    tensors = {part: [torch.from_numpy(((view[rows] - centre) / scale).astype(np.float32)) for view in views]
+    normalise = standardiser(train)
+    if tanh_norm:
+        first, second = normalise, standardiser(np.tanh(normalise(train)))
+        normalise = lambda x: second(np.tanh(first(x)))  # noqa: E731
+    tensors = {part: [torch.from_numpy(normalise(view[rows]).astype(np.float32)) for view in views]
                for part, rows in split.items()}
     y_mean, y_std = y[split["train"]].mean(), y[split["train"]].std()
     targets = torch.from_numpy(np.tile((y[split["train"]] - y_mean) / y_std, len(views)).astype(np.float32))
@@ -128,8 +142,17 @@ def baseline_views(name: str, scores: pd.DataFrame, drugs: pd.DataFrame, cell_li
             np.concatenate([drug_features[b], drug_features[a], expression], axis=1)]
 
 
-BASELINES = {"deepsynergy_mlp": {"hidden": (512, 256), "input_dropout": 0.2, "dropout": 0.5},
-             "one_hot_mlp": {"hidden": (512, 256), "input_dropout": 0.0, "dropout": 0.2}}
+BASELINES = {"deepsynergy_mlp": {"hidden": (512, 256), "input_dropout": 0.2, "dropout": 0.5, "tanh_norm": True},
+             "one_hot_mlp": {"hidden": (512, 256), "input_dropout": 0.0, "dropout": 0.2, "tanh_norm": False}}
+
+
+def baseline_run(args, views, y: np.ndarray, split: dict, split_name: str, fold: int, model: str) -> np.ndarray:
+    """A baseline's test predictions, saved beside the scBERT runs (and read back when they exist)."""
+    path = Path(args.output_dir) / f"{split_name}_fold{fold}_{model}.npy"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.save(path, fit_mlp(views, y, split, epochs=args.baseline_epochs, seed=fold, **BASELINES[model]))
+    return np.load(path)
 
 
 # ---------------------------------------------------------------------------------------------------- scBERT
@@ -203,14 +226,13 @@ def main(argv=None) -> dict:
     y = scores["synergy"].to_numpy(dtype=np.float64)
     runs, start = [], time.perf_counter()
     views = {name: baseline_views(name, scores, drugs, cell_lines) for name in BASELINES if name in args.models}
-    for split_name in args.splits:
-        for fold in args.folds:
+    for fold in args.folds:  # fold-major, so that a run cut short has both splits
+        for split_name in args.splits:
             split = split_rows(scores, split_name, fold, seed=0)
             for model in args.models:
                 began = time.perf_counter()
                 if model in BASELINES:
-                    predicted = fit_mlp(views[model], y, split, epochs=args.baseline_epochs, seed=fold,
-                                        **BASELINES[model])
+                    predicted = baseline_run(args, views[model], y, split, split_name, fold, model)
                 else:
                     predicted = scbert_run(args, split_name, fold, scratch=model == "scbert2_scratch")
                 observed = y[split["test"]]
@@ -218,7 +240,7 @@ def main(argv=None) -> dict:
                              "metrics": regression_metrics(observed, predicted),
                              "observed": observed, "predicted": predicted})
                 print(f"{split_name} fold {fold} {model}: " + json.dumps(runs[-1]["metrics"]), flush=True)
-            results = write_results(args, runs, time.perf_counter() - start)  # after every fold: partial results
+            results = write_results(args, runs, time.perf_counter() - start)  # after every split: partial results
     print(render(results))
     return results
 

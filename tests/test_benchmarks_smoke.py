@@ -111,3 +111,33 @@ def test_int8_options_benchmark_runs_every_backend_on_a_classifier(tiny_classifi
         assert 0.5 <= row["agreement_with_float32"] <= 1.0  # int8 may flip a borderline cell, not half of them
     # ONNX Runtime float32 runs the same graph: the same predictions.
     assert measured["onnxruntime float32"]["agreement_with_float32"] == 1.0
+
+
+def test_synergy_benchmark_scores_the_head_and_a_baseline_on_one_fold(tmp_path):
+    out = tmp_path / "synergy"
+    command = [sys.executable, "-m", "benchmarks.synergy", "--splits", "cell_line", "--folds", "1", "--models",
+               "scbert2_pretrained", "one_hot_mlp", "--baseline_epochs", "1", "--output_dir", str(out),
+               "--results_dir", str(out / "results"), "--", "--max_steps", "3", "--synergy_hidden_size", "32"]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    measured = json.loads((out / "results" / "synergy.json").read_text())
+    assert [(r["split"], r["fold"], r["model"]) for r in measured["runs"]] == [
+        ("cell_line", 1, "scbert2_pretrained"), ("cell_line", 1, "one_hot_mlp")]
+    assert all(-1 <= r["metrics"]["pearson"] <= 1 and r["metrics"]["rows"] > 3000 for r in measured["runs"])
+    assert "| cell_line | one_hot_mlp |" in (out / "results" / "synergy.md").read_text()
+    assert (out / "results" / "synergy.png").stat().st_size > 0
+
+
+def test_perturb_benchmark_scores_the_head_and_the_baselines_on_one_fold(tmp_path):
+    out = tmp_path / "perturb"
+    command = [sys.executable, "-m", "benchmarks.perturb", "--folds", "3", "--models", "pretrained", "--output_dir",
+               str(out), "--results_dir", str(out / "results"), "--", "--max_steps", "3", "--hidden_size", "32"]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((out / "results" / "perturb.json").read_text())["summary"]
+    every = summary["all test targets"]
+    assert set(every) == {"scbert2_pretrained", "no_change", "mean_shift", "linear_gene_table"}
+    assert all(row["targets"] == 5 for row in every.values()) and every["no_change"]["pearson_delta"] is None
+    measured = summary["the 9 measured targets"]["mean_shift"]["targets"]
+    assert measured + summary["the other targets"]["mean_shift"]["targets"] == 5
+    assert (out / "results" / "perturb.png").stat().st_size > 0
