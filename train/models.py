@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+import torch
 from accelerate import Accelerator
 from transformers import AutoConfig
 
@@ -79,3 +80,28 @@ def save_model_folder(model, tokenizer: GeneExpressionTokenizer, folder: str | o
         model = accelerator.unwrap_model(model)
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
+
+
+def frozen_encoder_head(head_class, folder: str | os.PathLike, config, from_scratch: bool = False):
+    """A task head (synergy, perturbation) on the encoder of a pretrained folder, with `config` (that folder's, with
+    the head's settings), or with `from_scratch` on a randomly initialised encoder of the same shape (the ablation).
+    The encoder is frozen and pools by mean: masked-regression pretraining never trains the CLS output."""
+    if config.pooling == "cls":
+        config.pooling = "mean"
+    model = head_class(config) if from_scratch else head_class.from_pretrained(folder, config=config)
+    model.model.requires_grad_(False)
+    return model
+
+
+@torch.no_grad()
+def embed_cells(model, tokenizer: GeneExpressionTokenizer, adata, batch_size: int = 256) -> torch.Tensor:
+    """[cells, pooled_size] embeddings of a head's frozen encoder (`model.embed_cells`, eval mode), on the CPU."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    parts = []
+    for start in range(0, adata.n_obs, batch_size):
+        batch = tokenizer(adata[start:start + batch_size], return_tensors="pt")
+        parts.append(model.embed_cells(*(batch[key].to(device) for key in ("input_ids", "values", "attention_mask"))))
+    model.train(was_training)
+    return torch.cat(parts).float().cpu()

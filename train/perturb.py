@@ -38,7 +38,7 @@ from tokenization import GeneExpressionTokenizer
 from train.cli import run_command, run_subcommand
 from train.data import read_h5ad
 from train.loop import EarlyStopping, add_training_arguments, make_accelerator, train_loop
-from train.models import load_pretrained_folder, save_model_folder
+from train.models import embed_cells, frozen_encoder_head, load_pretrained_folder, save_model_folder
 
 NUM_FOLDS = 5
 TOP_DE_GENES = 20
@@ -89,7 +89,8 @@ def panel_expression(adata: ad.AnnData, tokenizer: GeneExpressionTokenizer, gene
         columns = measured
     else:
         columns = tokenizer.gene_token_ids(genes) - tokenizer.num_special_tokens
-        missing = [gene for gene, column in zip(genes, columns) if column not in set(measured.tolist())]
+        measured_columns = set(measured.tolist())
+        missing = [gene for gene, column in zip(genes, columns) if column not in measured_columns]
         if missing:
             raise ValueError(f"{len(missing)} of the model's {len(genes)} genes are not measured in the data: "
                              f"{missing[:8]}{' ...' if len(missing) > 8 else ''}. The model predicts from a cell's "
@@ -169,20 +170,6 @@ def baseline_profiles(screen: PerturbSeq, train_targets: list[str], test_targets
 
 # ---------------------------------------------------------------------------------------------------- model
 @torch.no_grad()
-def embed_cells(model: ScBert2ForPerturbationPrediction, tokenizer: GeneExpressionTokenizer, adata: ad.AnnData,
-                batch_size: int = 256) -> torch.Tensor:
-    """[cells, pooled_size] frozen-encoder embeddings."""
-    was_training = model.training
-    model.eval()
-    parts = []
-    for start in range(0, adata.n_obs, batch_size):
-        batch = tokenizer(adata[start:start + batch_size], return_tensors="pt")
-        parts.append(model.embed_cells(batch["input_ids"], batch["values"], batch["attention_mask"]))
-    model.train(was_training)
-    return torch.cat(parts).float()
-
-
-@torch.no_grad()
 def predict_mean_profiles(model: ScBert2ForPerturbationPrediction, cell_embeddings: torch.Tensor,
                           control_expression: torch.Tensor, perturbation_ids: list[int],
                           batch_size: int = 1024) -> np.ndarray:
@@ -217,17 +204,11 @@ class PairCollator:
                 "control_expression": control, "labels": control + self.mean_effects[perturbations]}
 
 
-def build_model(args, gene_ids: np.ndarray) -> tuple[ScBert2ForPerturbationPrediction, GeneExpressionTokenizer]:
-    config, tokenizer = load_pretrained_folder(args.model, expected_types=("scbert2",), min_overlap=args.min_overlap)
-    config.update({"pooling": "mean" if config.pooling == "cls" else config.pooling,
-                   "perturbation_gene_ids": gene_ids.tolist(), "synergy_hidden_size": args.hidden_size,
+def build_model(args, config, gene_ids: np.ndarray) -> ScBert2ForPerturbationPrediction:
+    """The perturbation head predicting `gene_ids` on the encoder of `--model` (or a random one, `--from_scratch`)."""
+    config.update({"perturbation_gene_ids": gene_ids.tolist(), "synergy_hidden_size": args.hidden_size,
                    "classifier_dropout": args.dropout})
-    if args.from_scratch:
-        model = ScBert2ForPerturbationPrediction(config)
-    else:
-        model = ScBert2ForPerturbationPrediction.from_pretrained(args.model, config=config)
-    model.model.requires_grad_(False)
-    return model, tokenizer
+    return frozen_encoder_head(ScBert2ForPerturbationPrediction, args.model, config, args.from_scratch)
 
 
 # ---------------------------------------------------------------------------------------------------- train
@@ -267,9 +248,9 @@ def train(argv=None) -> dict:
         raise ValueError(f"--test_fold must be in 0..{NUM_FOLDS - 1}, got {args.test_fold}.")
     accelerator = make_accelerator(args, "perturb")
     set_seed(args.seed)
-    _, tokenizer = load_pretrained_folder(args.model, expected_types=("scbert2",), min_overlap=args.min_overlap)
+    config, tokenizer = load_pretrained_folder(args.model, expected_types=("scbert2",), min_overlap=args.min_overlap)
     screen = load_screen(args.data, tokenizer, args.perturbation_key, args.control)
-    model, tokenizer = build_model(args, screen.gene_ids)
+    model = build_model(args, config, screen.gene_ids)
     target_ids = dict(zip(screen.targets, target_token_ids(screen.targets, tokenizer).tolist()))
     split = split_targets(screen.targets, args.test_fold, args.validation_targets, args.seed)
     controls = screen.perturbation == screen.control

@@ -39,7 +39,7 @@ from modeling_scbert import ScBert2ForDrugSynergy
 from tokenization import GeneExpressionTokenizer
 from train.cli import run_command, run_subcommand
 from train.loop import EarlyStopping, add_training_arguments, make_accelerator, train_loop
-from train.models import load_pretrained_folder, save_model_folder
+from train.models import embed_cells, frozen_encoder_head, load_pretrained_folder, save_model_folder
 
 CELL_LINE_VALUE_SCALE = 4.0  # log1p of ~50 counts per 10k: a well-expressed gene in log-normalised units
 SPLITS = ("random", "cell_line")
@@ -156,21 +156,6 @@ def cell_line_cells(cell_lines: pd.DataFrame) -> ad.AnnData:
     return ad.AnnData(values, obs=pd.DataFrame(index=cell_lines.index.astype(str)), var=pd.DataFrame(index=genes))
 
 
-@torch.no_grad()
-def embed_cell_lines(model: ScBert2ForDrugSynergy, tokenizer: GeneExpressionTokenizer, cell_lines: pd.DataFrame,
-                     batch_size: int = 8) -> torch.Tensor:
-    """[cell lines, pooled_size] encoder embeddings (eval mode: the encoder is frozen)."""
-    batch = tokenizer(cell_line_cells(cell_lines), return_tensors="pt")
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    parts = [model.embed_cells(**{key: batch[key][start:start + batch_size].to(device)
-                                  for key in ("input_ids", "values", "attention_mask")})
-             for start in range(0, len(cell_lines), batch_size)]
-    model.train(was_training)
-    return torch.cat(parts).float().cpu()
-
-
 @dataclass
 class SynergyInputs:
     """Everything a (drug A, drug B, cell line) row is looked up in: built once, gathered per batch."""
@@ -210,7 +195,7 @@ def build_inputs(model: ScBert2ForDrugSynergy, tokenizer: GeneExpressionTokenize
                  cell_lines: pd.DataFrame) -> tuple[SynergyInputs, dict]:
     targets, report = target_token_ids(drugs, tokenizer)
     fingerprints = morgan_fingerprints(drugs, model.config.drug_fingerprint_size, model.config.drug_fingerprint_radius)
-    cell_embeddings = embed_cell_lines(model, tokenizer, cell_lines)
+    cell_embeddings = embed_cells(model, tokenizer, cell_line_cells(cell_lines))
     report = {**report, "drugs_without_smiles": drugs["name"][drugs["smiles"].str.strip() == ""].tolist(),
               "cell_line_genes": str(tokenizer.last_report)}
     return SynergyInputs(drugs["name"].tolist(), torch.from_numpy(fingerprints), torch.from_numpy(targets),
@@ -262,18 +247,11 @@ def regression_metrics(observed: np.ndarray, predicted: np.ndarray) -> dict[str,
 
 # ---------------------------------------------------------------------------------------------------- model
 def build_model(args: argparse.Namespace) -> tuple[ScBert2ForDrugSynergy, GeneExpressionTokenizer]:
-    """The synergy head on the pretrained encoder of `--model` (or, with `--from_scratch`, on a randomly initialised
-    encoder of the same shape: the ablation), encoder frozen."""
+    """The synergy head on the pretrained encoder of `--model` (or a random one, `--from_scratch`), encoder frozen."""
     config, tokenizer = load_pretrained_folder(args.model, expected_types=("scbert2",))
-    config.update({"pooling": "mean" if config.pooling == "cls" else config.pooling,  # CLS is untrained by pretraining
-                   "drug_fingerprint_size": args.fingerprint_bits, "synergy_hidden_size": args.synergy_hidden_size,
+    config.update({"drug_fingerprint_size": args.fingerprint_bits, "synergy_hidden_size": args.synergy_hidden_size,
                    "classifier_dropout": args.dropout})
-    if args.from_scratch:
-        model = ScBert2ForDrugSynergy(config)
-    else:
-        model = ScBert2ForDrugSynergy.from_pretrained(args.model, config=config)
-    model.model.requires_grad_(False)
-    return model, tokenizer
+    return frozen_encoder_head(ScBert2ForDrugSynergy, args.model, config, args.from_scratch), tokenizer
 
 
 def fold_scale_into_output(model: ScBert2ForDrugSynergy, mean: float, std: float) -> ScBert2ForDrugSynergy:
