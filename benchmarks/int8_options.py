@@ -3,8 +3,9 @@
     python -m benchmarks.int8_options --model outputs/main/model          # a fine-tuned scBERT 2.0 classifier
 
 Variants: the float32 model (sdpa); PyTorch's dynamic int8 `Linear` (`torch.ao.quantization.quantize_dynamic`, whose
-quantized tensor types PyTorch has deprecated); torchao's dynamic int8 activations x int8 weights (`quantize_`, the
-backend of transformers' `TorchAoConfig`; layers with fewer than 16 inputs stay float, torchao cannot pack them);
+quantized tensor types PyTorch has deprecated); torchao's dynamic int8 activations x int8 weights and its int8
+weight-only `Linear` (`quantize_`, the backend of transformers' `TorchAoConfig`; layers with fewer than 16 inputs stay
+float, torchao cannot pack them);
 ONNX Runtime on the `torch.onnx` export, float32 and with its dynamic int8 weights (`quantize_dynamic`).
 
 The same cells (Baron mouse pancreas, drawn at random) in the same length-sorted batches go through each variant;
@@ -88,12 +89,14 @@ def build_variants(folder: str, batches: list[dict], workdir: Path, threads: int
     variants["float32 (sdpa)"] = torch_runner(model)
     variants["torch dynamic int8 Linear"] = torch_runner(
         torch.ao.quantization.quantize_dynamic(load_classifier(folder, "cpu")[0], {torch.nn.Linear}, dtype=torch.qint8))
-    from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
+    from torchao.quantization import Int8DynamicActivationInt8WeightConfig, Int8WeightOnlyConfig, quantize_
 
-    torchao_model = load_classifier(folder, "cpu")[0]
-    quantize_(torchao_model, Int8DynamicActivationInt8WeightConfig(),
-              filter_fn=lambda module, _: isinstance(module, torch.nn.Linear) and module.in_features >= 16)
-    variants["torchao int8 x int8 (TorchAoConfig's backend)"] = torch_runner(torchao_model)
+    for name, torchao_config in (("torchao int8 x int8 (TorchAoConfig's backend)", Int8DynamicActivationInt8WeightConfig()),
+                                 ("torchao int8 weight-only", Int8WeightOnlyConfig())):
+        torchao_model = load_classifier(folder, "cpu")[0]
+        quantize_(torchao_model, torchao_config,
+                  filter_fn=lambda module, _: isinstance(module, torch.nn.Linear) and module.in_features >= 16)
+        variants[name] = torch_runner(torchao_model)
     variants.update(onnx_runners(load_classifier(folder, "cpu")[0], batches, workdir, threads))
     return variants
 

@@ -112,20 +112,20 @@ def tiny_classifier(classifier_cells, tmp_path_factory) -> Path:
 
 @pytest.fixture
 def remote_code_predictions(tmp_path):
-    """Runs a saved folder as remote code in a fresh interpreter without this package (`python -I`, AutoModel with
-    trust_remote_code) on the given inputs; returns its class name and its `predictions`."""
+    """Runs a saved folder as remote code in a fresh interpreter without this package (`python -I`, ``auto_class``
+    with trust_remote_code) on the given inputs; returns its class name and its output ``output``."""
     import subprocess
     import sys
 
     import numpy as np
     from safetensors.torch import save_file
 
-    def run(folder, inputs: dict) -> tuple[str, np.ndarray]:
+    def run(folder, inputs: dict, auto_class: str = "AutoModel", output: str = "predictions") -> tuple[str, np.ndarray]:
         save_file({k: v.contiguous() for k, v in inputs.items()}, tmp_path / "inputs.safetensors")
-        code = ("import sys, numpy, torch; from safetensors.torch import load_file; "
-                "from transformers import AutoModel; m = AutoModel.from_pretrained(sys.argv[1], trust_remote_code=True)"
-                ".eval(); print(type(m).__name__); "
-                "numpy.save(sys.argv[3], m(**load_file(sys.argv[2])).predictions.detach().numpy())")
+        code = (f"import sys, numpy, torch; from safetensors.torch import load_file; "
+                f"from transformers import {auto_class} as A; m = A.from_pretrained(sys.argv[1], trust_remote_code=True)"
+                f".eval(); print(type(m).__module__ + '.' + type(m).__name__); "
+                f"numpy.save(sys.argv[3], m(**load_file(sys.argv[2])).{output}.detach().numpy())")
         out = subprocess.run([sys.executable, "-I", "-c", code, str(folder), str(tmp_path / "inputs.safetensors"),
                               str(tmp_path / "out.npy")], cwd=tmp_path, capture_output=True, text=True)
         assert out.returncode == 0, out.stderr[-2000:]

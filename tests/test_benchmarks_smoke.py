@@ -105,7 +105,7 @@ def test_int8_options_benchmark_runs_every_backend_on_a_classifier(tiny_classifi
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     measured = json.loads((out / "int8_options.json").read_text())["variants"]
-    assert len(measured) == 5 and measured["float32 (sdpa)"]["agreement_with_float32"] == 1.0
+    assert len(measured) == 6 and measured["float32 (sdpa)"]["agreement_with_float32"] == 1.0
     for row in measured.values():
         assert len(row["seconds_per_pass"]) == 2 and row["cells_per_second"] > 0
         assert 0.5 <= row["agreement_with_float32"] <= 1.0  # int8 may flip a borderline cell, not half of them
@@ -141,3 +141,23 @@ def test_perturb_benchmark_scores_the_head_and_the_baselines_on_one_fold(tmp_pat
     measured = summary["the 9 measured targets"]["mean_shift"]["targets"]
     assert measured + summary["the other targets"]["mean_shift"]["targets"] == 5
     assert (out / "results" / "perturb.png").stat().st_size > 0
+
+
+def test_compression_benchmark_builds_and_measures_every_variant(tiny_classifier, tmp_path):
+    out = tmp_path / "compression"
+    data = tiny_classifier.parents[1] / "labelled.h5ad"
+    command = [sys.executable, "-m", "benchmarks.compression", "--teacher", str(tiny_classifier), "--split",
+               str(tiny_classifier.parent / "split.json"), "--data", str(data), "--ternary_steps", "2", "--rounds", "2",
+               "--threads", "1", "--output_dir", str(out), "--results_dir", str(out / "results"), "--",
+               "--max_steps", "2", "--num_workers", "0", "--cache_dir", str(tmp_path / "cache")]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    measured = json.loads((out / "results" / "compression.json").read_text())["variants"]
+    assert list(measured) == ["float32", "int8", "distilled", "int8 distilled", "ternary"]
+    assert measured["float32"]["same_type_as_float32"] == 1.0
+    assert measured["distilled"]["parameters"] < measured["float32"]["parameters"]
+    assert measured["ternary"]["file_bytes"] < measured["float32"]["file_bytes"]
+    for row in measured.values():
+        assert len(row["seconds_per_pass"]) == 2 and row["cells_per_second"] > 0 and row["peak_rss_mb"] > 0
+        assert 0 <= row["macro_f1"] <= 1
+    assert "| int8 distilled |" in (out / "results" / "compression.md").read_text()

@@ -65,7 +65,7 @@ def test_precomputed_embeddings_round_trip_and_loss(tmp_path, remote_code_predic
     with torch.no_grad():
         torch.testing.assert_close(loaded(**batch).predictions, direct)
     name, remote = remote_code_predictions(tmp_path, batch)  # as remote code, without this package
-    assert name == "ScBert2ForPerturbationPrediction"
+    assert name.endswith("modeling_scbert2.ScBert2ForPerturbationPrediction")
     np.testing.assert_allclose(remote, direct.numpy(), atol=1e-5)
     labels = torch.zeros(2, 3)
     output = loaded(**batch, labels=labels)

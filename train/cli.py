@@ -14,13 +14,14 @@ import importlib
 import sys
 from typing import Callable
 
-# subcommand -> (module with main(argv), one-line help). The other tools of the family (annotate, quantize, distill,
-# push) join here as they are built.
+# subcommand -> (module with main(argv), one-line help).
 COMMANDS = {
     "pretrain": ("train.pretrain", "pretrain scBERT 2.0 (masked regression) or scBERT (masked language modelling)"),
     "finetune": ("train.finetune", "fine-tune for cell type annotation, next to a logistic-regression baseline"),
     "annotate": ("train.annotate", "annotate cells (.h5ad, 10x .h5 or folder, CSV/TSV) with a fine-tuned folder, "
                  "flagging novel cell types"),
+    "distill": ("train.distill", "distil a fine-tuned classifier into a smaller student (fewer layers)"),
+    "quantize": ("train.quantize", "int8 (torchao) or ternary (BitNet b1.58) weights for a fine-tuned classifier"),
     "synergy": ("train.synergy", "drug combination synergy from cell-line embeddings: `synergy train|predict`"),
     "perturb": ("train.perturb", "Perturb-seq: predict knock-out effects on control cells: `perturb train|predict`"),
     "convert": ("modeling_scbert.convert_scbert_original_checkpoint",

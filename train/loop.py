@@ -437,7 +437,7 @@ def _evaluate_epoch(accelerator: Accelerator, model, ema, evaluate: Callable, ea
 
 def _loss_parts(outputs) -> dict[str, float]:
     parts = {}
-    for name in ("loss", "bin_loss", "value_loss", "aux_loss"):
+    for name in ("loss", "bin_loss", "value_loss", "aux_loss", "soft_loss", "hidden_loss", "label_loss"):
         value = getattr(outputs, name, None)
         if value is not None:
             parts[name] = float(value.detach().float().item())
