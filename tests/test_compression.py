@@ -196,13 +196,18 @@ def test_bitlinear_forward_is_the_bitnet_formula(tmp_path):
         torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
 
 
-def test_ternary_command_writes_a_packed_folder(tiny_classifier, run_dir, data_path, tmp_path):
-    from transformers.integrations.bitnet import BitLinear
-
-    output = tmp_path / "run"
+@pytest.fixture(scope="module")
+def ternary_folder(tiny_classifier, run_dir, data_path, tmp_path_factory) -> tuple[Path, dict]:
+    output = tmp_path_factory.mktemp("ternary") / "run"
     report = run_quietly(quantize.main, ["--model", str(tiny_classifier), "--method", "ternary", "--steps", "4",
                                          *training_args(run_dir, data_path, output)])
-    folder = output / "model"
+    return output / "model", report
+
+
+def test_ternary_command_writes_a_packed_folder(ternary_folder):
+    from transformers.integrations.bitnet import BitLinear
+
+    folder, report = ternary_folder
     config = json.loads((folder / "config.json").read_text())
     assert config["quantization_config"]["quant_method"] == "bitnet"
     assert config["quantization_config"]["linear_class"] == "bitlinear"
@@ -214,6 +219,19 @@ def test_ternary_command_writes_a_packed_folder(tiny_classifier, run_dir, data_p
     assert (folder / "novelty.safetensors").is_file() and config["novelty_detection"] is not None
 
 
+@pytest.mark.parametrize("variant", ["int8", "ternary"])
+def test_annotate_takes_a_quantized_folder(variant, int8_folder, ternary_folder, tiny_classifier, classifier_cells):
+    from train.annotate import annotate
+
+    folder = (int8_folder if variant == "int8" else ternary_folder)[0]
+    quantized = annotate(classifier_cells.copy(), folder)
+    reference = annotate(classifier_cells.copy(), tiny_classifier)
+    assert quantized.uns["scbert"]["model"] == str(folder)
+    agreement = np.mean(quantized.obs["scbert_cell_type"].to_numpy() == reference.obs["scbert_cell_type"].to_numpy())
+    assert agreement >= (0.95 if variant == "int8" else 0.5)  # 4 ternary training steps: agreement, not parity
+    assert quantized.obsm["X_scbert"].shape == reference.obsm["X_scbert"].shape
+
+
 # ------------------------------------------------------------------------------------------------------ distillation
 
 def test_layer_map_spreads_teacher_layers_from_the_first_to_the_last():
@@ -223,7 +241,7 @@ def test_layer_map_spreads_teacher_layers_from_the_first_to_the_last():
     assert layer_map(4, 4) == [0, 1, 2, 3]
 
 
-@pytest.mark.parametrize("family", ["scbert2", "scbert"])
+@pytest.mark.parametrize("family", ["scbert2", "scbert2-moe", "scbert"])
 def test_student_starts_from_the_mapped_teacher_layers(family):
     teacher = tiny_models()[family]
     config = student_config(teacher.config, "distilled")
@@ -292,6 +310,26 @@ def test_an_existing_output_is_kept_without_overwrite(tiny_classifier, tmp_path)
     with pytest.raises(FileExistsError, match="exists: choose another --output_dir, or pass --overwrite"):
         quantize.main(["--model", str(tiny_classifier), "--method", "int8", "--output_dir", str(tmp_path)])
     assert (tmp_path / "model" / "keep.txt").read_text() == "mine"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only message")
+def test_bitsandbytes_without_a_gpu_is_refused(teacher):
+    with pytest.raises(RuntimeError, match="bitsandbytes needs a CUDA GPU .* use --int8_backend torchao"):
+        quantize.quantize_int8(teacher, "bitsandbytes")
+    with pytest.raises(ValueError, match="Unknown --int8_backend 'onnx'"):
+        quantize.quantize_int8(teacher, "onnx")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="bitsandbytes' LLM.int8() kernels need a CUDA GPU")
+def test_bitsandbytes_int8_folder_loads_back(teacher, batch, tmp_path):
+    pytest.importorskip("bitsandbytes")
+    quantized = quantize.quantize_int8(teacher, "bitsandbytes")
+    quantized.save_pretrained(tmp_path)
+    loaded = AutoModelForSequenceClassification.from_pretrained(tmp_path, device_map="cuda").eval()
+    on_gpu = {key: value.cuda() for key, value in batch.items()}
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**on_gpu).logits, quantized(**on_gpu).logits)
 
 
 def test_ternary_needs_cells(tiny_classifier, tmp_path):

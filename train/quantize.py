@@ -51,6 +51,7 @@ from train.metrics import predict
 from train.novelty import STATISTICS_FILE, save_statistics
 
 METHODS = ("int8", "ternary")
+INT8_BACKENDS = ("torchao", "bitsandbytes")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -60,6 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--method", required=True, help=f"one of {METHODS}")
     parser.add_argument("--data", help="an .h5ad of real cells: the ternary fine-tuning cells (required there); for "
                                        "int8, the cells its agreement with the float model is measured on")
+    parser.add_argument("--int8_backend", default="torchao",
+                        help=f"one of {INT8_BACKENDS}; bitsandbytes (LLM.int8()) needs a CUDA GPU")
     parser.add_argument("--steps", type=int, default=300, help="ternary: quantization-aware fine-tuning steps")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing OUTPUT_DIR/model")
     add_distillation_arguments(parser)
@@ -85,13 +88,25 @@ def full_precision_modules(model, ternary: bool) -> list[str]:
     return keep
 
 
-def quantize_int8(teacher):
-    """The float classifier's folder reloaded through TorchAoConfig: its encoder Linear weights as int8."""
-    from torchao.quantization import Int8WeightOnlyConfig
-    from transformers import TorchAoConfig
+def quantize_int8(teacher, backend: str = "torchao"):
+    """The float classifier's folder reloaded with its encoder Linear weights as int8: torchao's weight-only int8
+    (CPU or GPU) through TorchAoConfig, or bitsandbytes' LLM.int8() (CUDA only) through BitsAndBytesConfig."""
+    skip = full_precision_modules(teacher, False)
+    if backend == "bitsandbytes":
+        from transformers import BitsAndBytesConfig
 
-    config = TorchAoConfig(Int8WeightOnlyConfig(), modules_to_not_convert=full_precision_modules(teacher, False))
-    return type(teacher).from_pretrained(teacher.name_or_path, quantization_config=config).eval()
+        if not torch.cuda.is_available():
+            raise RuntimeError("--int8_backend bitsandbytes needs a CUDA GPU (its int8 kernels run there); on the CPU "
+                               "use --int8_backend torchao.")
+        config, placement = BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip), {"device_map": "cuda"}
+    elif backend == "torchao":
+        from torchao.quantization import Int8WeightOnlyConfig
+        from transformers import TorchAoConfig
+
+        config, placement = TorchAoConfig(Int8WeightOnlyConfig(), modules_to_not_convert=skip), {}
+    else:
+        raise ValueError(f"Unknown --int8_backend {backend!r}: expected one of {INT8_BACKENDS}.")
+    return type(teacher).from_pretrained(teacher.name_or_path, quantization_config=config, **placement).eval()
 
 
 def ternary_training_model(teacher, skip: list[str]):
@@ -173,9 +188,12 @@ def prepare_output(folder: Path, overwrite: bool) -> None:
 
 def run_int8(args, teacher, tokenizer, accelerator, folder: Path) -> dict:
     cells = load_cells(args, tokenizer, teacher.config, accelerator) if args.data else None
-    quantized = quantize_int8(teacher)
+    quantized = quantize_int8(teacher, args.int8_backend)
     quantized.save_pretrained(folder)
-    report = {"method": "int8", "backend": "torchao Int8WeightOnlyConfig through transformers' TorchAoConfig",
+    if args.int8_backend == "torchao":  # bitsandbytes placed its model on the GPU already
+        quantized.to(accelerator.device)
+    teacher.to(accelerator.device)
+    report = {"method": "int8", "backend": args.int8_backend,
               "full_precision_modules": full_precision_modules(teacher, False)}
     if cells is not None:
         report["agreement"] = agreement(accelerator, teacher, quantized, cells.get("test", cells["train"]), tokenizer,
