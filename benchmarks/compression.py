@@ -35,10 +35,10 @@ ROOT = Path(__file__).resolve().parents[1]
 LABEL_KEY = "cell_type1"
 # A fresh process per variant: load the folder, run the cells once, print its own peak RSS.
 MEMORY_RUNNER = (
-    "import json, resource, sys, warnings; warnings.filterwarnings('ignore'); "
+    "import json, resource, sys, torch, warnings; warnings.filterwarnings('ignore'); "
     "from benchmarks.compression import load_variant, test_batches; "
     "model, tokenizer = load_variant(sys.argv[1]); batches = test_batches(tokenizer, *sys.argv[2:4], int(sys.argv[4])); "
-    "[model(**batch) for batch in batches]; "
+    "torch.set_grad_enabled(False); [model(**batch).logits.sum().item() for batch in batches]; "
     "print('RESULT ' + json.dumps({'peak_rss_mb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))"
 )
 

@@ -67,6 +67,9 @@ def add_distillation_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--temperature", type=float, default=2.0)
     parser.add_argument("--hidden_weight", type=float, default=1.0, help="weight of the hidden-state matching")
     parser.add_argument("--label_weight", type=float, default=0.5, help="weight of the cross-entropy to the labels")
+    parser.add_argument("--class_sampling", choices=["none", "balanced"], default="balanced",
+                        help="balanced (with --label_key): every epoch draws each type equally often, as `scbert "
+                             "finetune` does, so the few cells of a rare type are not drowned out")
     parser.add_argument("--gene_dropout", type=float, default=0.3,
                         help="augmentation: share of each training cell's genes dropped (teacher and student see "
                              "the same cell)")
@@ -245,8 +248,12 @@ def train_student(student, teacher, tokenizer, cells: dict, args: argparse.Names
     compute_loss = DistillationLoss(teacher, mapping, args.temperature, args.hidden_weight, args.label_weight)
     collate = ClassificationCollator(tokenizer, packed=args.packed)
     train_collate = ClassificationCollator(tokenizer, gene_dropout=args.gene_dropout, seed=args.seed, packed=args.packed)
+    sample_weights = None
+    if args.class_sampling == "balanced" and "label" in cells["train"].column_names:
+        labels = np.asarray(cells["train"]["label"])
+        sample_weights = 1.0 / np.bincount(labels)[labels]
     train_loader = make_loader(cells["train"], train_collate, args.per_device_batch_size, True, args.seed,
-                               args.num_workers)
+                               args.num_workers, sample_weights)
     evaluate = early_stopping = None
     best_state = {}
     if "validation" in cells:
