@@ -332,9 +332,13 @@ def test_bitsandbytes_int8_folder_loads_back(teacher, batch, tmp_path):
         torch.testing.assert_close(loaded(**on_gpu).logits, quantized(**on_gpu).logits)
 
 
-def test_ternary_needs_cells(tiny_classifier, tmp_path):
+def test_ternary_needs_cells_and_a_failed_overwrite_keeps_the_old_folder(tiny_classifier, tmp_path):
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "keep.txt").write_text("mine")
     with pytest.raises(ValueError, match="--method ternary fine-tunes on real cells: give --data"):
-        quantize.main(["--model", str(tiny_classifier), "--method", "ternary", "--output_dir", str(tmp_path / "run")])
+        quantize.main(["--model", str(tiny_classifier), "--method", "ternary", "--output_dir", str(tmp_path),
+                       "--overwrite"])
+    assert (tmp_path / "model" / "keep.txt").read_text() == "mine"
 
 
 @pytest.mark.parametrize("spec, message", [

@@ -29,15 +29,17 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import shutil
 from pathlib import Path
 
 import numpy as np
 import torch
 from accelerate.utils import set_seed
+from transformers import AutoModelForSequenceClassification
 
 from train.cli import run_command
-from train.data import ClassificationCollator, load_tokenized_dataset
+from train.data import ClassificationCollator
 from train.distill import (
     add_distillation_arguments,
     layer_field,
@@ -179,11 +181,19 @@ def agreement(accelerator, float_model, quantized, cells, tokenizer, batch_size:
     return result
 
 
-def prepare_output(folder: Path, overwrite: bool) -> None:
-    if folder.exists():
-        if not overwrite:
-            raise FileExistsError(f"{folder} exists: choose another --output_dir, or pass --overwrite to replace it.")
-        shutil.rmtree(folder)
+def check_output(folder: Path, overwrite: bool) -> Path:
+    """Where the folder is built: beside its final place, which it replaces only once complete (a crash leaves an
+    existing folder as it was)."""
+    if folder.exists() and not overwrite:
+        raise FileExistsError(f"{folder} exists: choose another --output_dir, or pass --overwrite to replace it.")
+    partial = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    return partial
+
+
+def move_into_place(partial: Path, folder: Path) -> None:
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(partial, folder)
 
 
 def run_int8(args, teacher, tokenizer, accelerator, folder: Path) -> dict:
@@ -222,8 +232,6 @@ def run_ternary(args, teacher, tokenizer, accelerator, folder: Path) -> dict:
     if novelty is not None:
         save_statistics(novelty["statistics"], folder)
     evaluated = cells.get("test", cells["train"])
-    from transformers import AutoModelForSequenceClassification
-
     loaded = AutoModelForSequenceClassification.from_pretrained(folder).eval()
     return {"method": "ternary", "backend": "transformers BitNet: AutoBitLinear (online) training, BitLinear (offline) "
             "packed weights", "steps": summary["steps"], "train_seconds": summary["train_seconds"],
@@ -237,14 +245,15 @@ def main(argv=None) -> dict:
     folder = Path(args.output_dir) / "model"
     if args.method not in METHODS:
         raise ValueError(f"Unknown --method {args.method!r}: expected one of {METHODS}.")
-    prepare_output(folder, args.overwrite)
+    partial = check_output(folder, args.overwrite)
     accelerator = make_accelerator(args, "quantize")
     set_seed(args.seed)
     teacher, tokenizer = load_classifier_teacher(args.model, args)
-    report = (run_int8 if args.method == "int8" else run_ternary)(args, teacher, tokenizer, accelerator, folder)
-    tokenizer.save_pretrained(folder)
-    report |= {"source": args.model, **weight_bytes(folder), "float_bytes": weight_bytes(Path(args.model))}
-    (folder / "quantization.json").write_text(json.dumps(report, indent=2))
+    report = (run_int8 if args.method == "int8" else run_ternary)(args, teacher, tokenizer, accelerator, partial)
+    tokenizer.save_pretrained(partial)
+    report |= {"source": args.model, **weight_bytes(partial), "float_bytes": weight_bytes(Path(args.model))}
+    (partial / "quantization.json").write_text(json.dumps(report, indent=2))
+    move_into_place(partial, folder)
     print_report(report, folder)
     accelerator.end_training()
     return report
