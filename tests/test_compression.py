@@ -369,3 +369,37 @@ def test_split_problems_are_named(tiny_classifier, run_dir, data_path, tmp_path)
     (tmp_path / "split.json").write_text(json.dumps(split))
     with pytest.raises(ValueError, match="indexes cell 10000, but .* has 120 cells"):
         distill.main([*base, "--split", str(tmp_path / "split.json"), "--label_key", "cell_type1"])
+
+
+# ------------------------------------------------------------------------------- scBERT v1 through the same commands
+
+@pytest.fixture(scope="module")
+def v1_run(classifier_cells, tmp_path_factory) -> Path:
+    """scBERT v1 (`scbert-small`, Performer) fine-tuned for a few steps on the 300-gene real cells: its panel is
+    the data's genes, so this is v1 at a panel a CPU trains in seconds."""
+    from train import finetune
+
+    folder = tmp_path_factory.mktemp("v1")
+    classifier_cells.write_h5ad(folder / "labelled.h5ad")
+    run_quietly(finetune.main, ["--data", str(folder / "labelled.h5ad"), "--label_key", "cell_type1", "--architecture",
+                                "scbert-small", "--max_steps", "4", "--output_dir", str(folder / "run"), "--cache_dir",
+                                str(folder / "cache"), "--no_baseline", "--num_workers", "0", "--no_progress_bar"])
+    return folder
+
+
+@pytest.mark.parametrize("command", ["distill", "int8", "ternary"])
+def test_scbert_v1_classifier_goes_through_the_same_commands(command, v1_run, tmp_path):
+    teacher_folder = v1_run / "run" / "model"
+    common = training_args(v1_run / "run", v1_run / "labelled.h5ad", tmp_path / "run")
+    if command == "distill":
+        results = run_quietly(distill.main, ["--teacher", str(teacher_folder), "--max_steps", "2", *common])
+        assert results["parameters"]["student"] < results["parameters"]["teacher"]
+    else:
+        extra = ["--steps", "2"] if command == "ternary" else []
+        report = run_quietly(quantize.main, ["--model", str(teacher_folder), "--method", command, *extra, *common])
+        assert report["weights_bytes"] < report["float_bytes"]["weights_bytes"]
+    model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "run" / "model").eval()
+    assert model.config.model_type == "scbert"
+    with torch.no_grad():
+        logits = model(input_ids=torch.randint(0, 7, (2, model.config.max_seq_len))).logits
+    assert logits.shape == (2, 3) and torch.isfinite(logits).all()
