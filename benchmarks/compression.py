@@ -9,7 +9,9 @@ own commands (`scbert quantize --method int8|ternary`, `scbert distill`) on the 
 on its test cells, which none of them saw. Then every variant, in one process, runs the same test cells in the same
 length-sorted batches, the variants taking turns in every round (the order rotating), so a slow spell of the shared
 machine hits them alike; quoted: the median seconds per pass and the median of the per-round ratios to the float
-teacher. Peak memory: each variant in a fresh process that loads the folder and runs the cells once (ru_maxrss).
+teacher. Peak memory: each variant in a fresh process that prepares the batches, then loads the folder and runs them
+once; quoted is the peak resident memory over the loading and the run (and, in brackets, how far it rose above the
+process with the batches alone).
 Writes benchmarks/results/compression/compression.json, .md and .png.
 """
 
@@ -33,13 +35,17 @@ from benchmarks.annotation_cv import BARON
 
 ROOT = Path(__file__).resolve().parents[1]
 LABEL_KEY = "cell_type1"
-# A fresh process per variant: load the folder, run the cells once, print its own peak RSS.
+# A fresh process per variant: the test batches first, then the peak resident memory is reset (Linux
+# /proc/self/clear_refs) and measured over loading the folder and running the batches once (VmHWM).
 MEMORY_RUNNER = (
-    "import json, resource, sys, torch, warnings; warnings.filterwarnings('ignore'); "
-    "from benchmarks.compression import load_variant, test_batches; "
-    "model, tokenizer = load_variant(sys.argv[1]); batches = test_batches(tokenizer, *sys.argv[2:4], int(sys.argv[4])); "
-    "torch.set_grad_enabled(False); [model(**batch).logits.sum().item() for batch in batches]; "
-    "print('RESULT ' + json.dumps({'peak_rss_mb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))"
+    "import json, sys, torch, warnings; warnings.filterwarnings('ignore'); "
+    "from benchmarks.compression import labelled_batches, load_variant; from tokenization import GeneExpressionTokenizer; "
+    "batches = labelled_batches(GeneExpressionTokenizer.from_pretrained(sys.argv[1]), *sys.argv[2:4], int(sys.argv[4]))[0]; "
+    "rss = lambda key: int(next(l for l in open('/proc/self/status') if l.startswith(key)).split()[1]) / 1024; "
+    "before = rss('VmRSS'); open('/proc/self/clear_refs', 'w').write('5'); "
+    "model, _ = load_variant(sys.argv[1]); torch.set_grad_enabled(False); "
+    "[model(**batch).logits.sum().item() for batch in batches]; "
+    "print('RESULT ' + json.dumps({'rss_before_mb': before, 'peak_rss_mb': rss('VmHWM')}))"
 )
 
 
@@ -118,10 +124,6 @@ def test_cells(data: str, split: str):
     return anndata.read_h5ad(data)[np.sort(rows)].copy()
 
 
-def test_batches(tokenizer, data: str, split: str, batch_size: int) -> list[dict]:
-    return labelled_batches(tokenizer, data, split, batch_size)[0]
-
-
 def labelled_batches(tokenizer, data: str, split: str, batch_size: int, label_key: str | None = None,
                      names: list[str] | None = None):
     """The split's test cells in length-sorted batches (every variant shares the teacher's tokenizer) and, with
@@ -139,12 +141,12 @@ def labelled_batches(tokenizer, data: str, split: str, batch_size: int, label_ke
     return batches, labels
 
 
-def peak_memory(folder: Path, data: str, split: str, args: argparse.Namespace) -> float:
+def peak_memory(folder: Path, data: str, split: str, args: argparse.Namespace) -> dict[str, float]:
     command = [sys.executable, "-c", MEMORY_RUNNER, str(folder), data, split, str(args.batch_size)]
     environment = os.environ | {"OMP_NUM_THREADS": str(args.threads)}
     output = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=environment).stdout
     line = next((line for line in output.splitlines() if line.startswith("RESULT ")), None)
-    return json.loads(line[7:])["peak_rss_mb"] if line else float("nan")
+    return json.loads(line[7:]) if line else {"rss_before_mb": float("nan"), "peak_rss_mb": float("nan")}
 
 
 def describe(folder: Path, model) -> dict:
@@ -194,7 +196,7 @@ def main(argv=None) -> dict:
             "same_type_as_float32": float(np.mean(predictions[name] == predictions["float32"])),
             "seconds_per_pass": seconds[name], "cells_per_second": len(labels) / statistics.median(seconds[name]),
             "speedup_vs_float32": statistics.median(ratios),
-            "peak_rss_mb": peak_memory(folders[name], args.data, split, args)}
+            **peak_memory(folders[name], args.data, split, args)}
     write_results(results, Path(args.results_dir))
     return results
 
@@ -203,11 +205,11 @@ def render(results: dict) -> str:
     reference = results["variants"]["float32"]
     lines = [f"### Compressed family on {results['test_cells']} held-out Baron cells: batches of "
              f"{results['batch_size']}, {results['threads']} threads, {results['rounds']} alternating rounds", "",
-             "| variant | parameters | weights on disk | peak RSS | cells/s (median) | vs float32 | macro-F1 | "
+             "| variant | parameters | weights on disk | peak RSS (model + cells) | cells/s (median) | vs float32 | macro-F1 | "
              "accuracy | same type as float32 |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name, row in results["variants"].items():
         lines.append(f"| {name} | {row['parameters'] / 1e6:.2f}M | {row['file_bytes'] / 1e6:.2f} MB "
-                     f"({row['file_bytes'] / reference['file_bytes']:.2f}x) | {row['peak_rss_mb']:.0f} MB | "
+                     f"({row['file_bytes'] / reference['file_bytes']:.2f}x) | {row['peak_rss_mb']:.0f} MB (+{row['peak_rss_mb'] - row['rss_before_mb']:.0f}) | "
                      f"{row['cells_per_second']:.1f} | {row['speedup_vs_float32']:.2f}x | {row['macro_f1']:.4f} | "
                      f"{row['accuracy']:.4f} | {row['same_type_as_float32']:.1%} |")
     return "\n".join(lines) + "\n"
