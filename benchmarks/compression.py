@@ -12,7 +12,10 @@ machine hits them alike; quoted: the median seconds per pass and the median of t
 teacher. Peak memory: each variant in a fresh process that prepares the batches, then loads the folder and runs them
 once; quoted is the peak resident memory over the loading and the run (and, in brackets, how far it rose above the
 process with the batches alone).
-Writes benchmarks/results/compression/compression.json, .md and .png.
+Writes benchmarks/results/compression/NAME.json, .md and .png (`--name`, default compression).
+
+    python -m benchmarks.compression --data baron_hvg1000.h5ad --architecture scbert-small --name compression_scbert_v1_hvg1000 \
+        --output_dir outputs/compression_v1_panel -- --num_epochs 5        # scBERT v1 at a panel this CPU trains
 """
 
 from __future__ import annotations
@@ -56,12 +59,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--teacher", default=None, help="a fine-tuned classifier folder (default: fine-tune one)")
     parser.add_argument("--split", default=None, help="the teacher's split.json (with --teacher)")
     parser.add_argument("--pretrained", default=str(ROOT / "checkpoints" / "scbert2-small"))
+    parser.add_argument("--architecture", default=None,
+                        help="fine-tune the teacher from scratch with this architecture instead (e.g. scbert-small)")
     parser.add_argument("--ternary_steps", type=int, default=800)
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--output_dir", default=str(ROOT / "outputs" / "compression"))
     parser.add_argument("--results_dir", default=str(ROOT / "benchmarks" / "results" / "compression"))
+    parser.add_argument("--name", default="compression", help="results file names: NAME.json, .md, .png")
     parser.add_argument("command_args", nargs=argparse.REMAINDER,
                         help="after '--': flags added to every `scbert finetune|distill|quantize` run")
     return parser.parse_args(argv)
@@ -85,8 +91,8 @@ def build_variants(args: argparse.Namespace) -> tuple[dict[str, Path], str]:
     if teacher is None:
         teacher, split = str(out / "teacher" / "model"), str(out / "teacher" / "split.json")
         if not Path(teacher).is_dir():
-            run(["finetune", *common, "--model", args.pretrained, "--output_dir", str(out / "teacher")],
-                out / "logs" / "teacher.log")
+            source = ["--architecture", args.architecture] if args.architecture else ["--model", args.pretrained]
+            run(["finetune", *common, *source, "--output_dir", str(out / "teacher")], out / "logs" / "teacher.log")
     if split is None:
         raise ValueError("--teacher needs --split (its split.json), so every variant is tested on unseen cells.")
     distilled = out / "distilled"
@@ -149,9 +155,18 @@ def peak_memory(folder: Path, data: str, split: str, args: argparse.Namespace) -
     return json.loads(line[7:]) if line else {"rss_before_mb": float("nan"), "peak_rss_mb": float("nan")}
 
 
+def count_weights(model) -> int:
+    """Parameters, with the weights BitLinear holds packed in buffers (4 a byte) counted as the weights they are."""
+    from transformers.integrations.bitnet import BitLinear
+
+    packed = sum(module.in_features * module.out_features + (0 if module.bias is None else module.bias.numel())
+                 for module in model.modules() if isinstance(module, BitLinear))
+    return sum(p.numel() for p in model.parameters()) + packed
+
+
 def describe(folder: Path, model) -> dict:
     report = json.loads((folder / "quantization.json").read_text()) if (folder / "quantization.json").is_file() else {}
-    return {"folder": str(folder), "parameters": sum(p.numel() for p in model.parameters()),
+    return {"folder": str(folder), "parameters": count_weights(model),
             "file_bytes": (folder / "model.safetensors").stat().st_size, "method": report.get("method", "float32")}
 
 
@@ -186,7 +201,7 @@ def main(argv=None) -> dict:
         predictions = {name: np.concatenate([model(**b).logits.float().numpy() for b in batches]).argmax(-1)
                        for name, model in models.items()}
     seconds = time_variants(models, batches, args.rounds)
-    results = {"data": args.data, "split": split, "test_cells": int(len(labels)), "batch_size": args.batch_size,
+    results = {"data": args.data, "split": split, "model_type": config.model_type, "test_cells": int(len(labels)), "batch_size": args.batch_size,
                "rounds": args.rounds, "threads": args.threads,
                "machine": {"platform": platform.platform(), "torch": torch.__version__}, "variants": {}}
     for name, model in models.items():
@@ -197,13 +212,13 @@ def main(argv=None) -> dict:
             "seconds_per_pass": seconds[name], "cells_per_second": len(labels) / statistics.median(seconds[name]),
             "speedup_vs_float32": statistics.median(ratios),
             **peak_memory(folders[name], args.data, split, args)}
-    write_results(results, Path(args.results_dir))
+    write_results(results, Path(args.results_dir), args.name)
     return results
 
 
 def render(results: dict) -> str:
     reference = results["variants"]["float32"]
-    lines = [f"### Compressed family on {results['test_cells']} held-out Baron cells: batches of "
+    lines = [f"### Compressed {results.get('model_type', 'scbert2')} family on {results['test_cells']} held-out cells: batches of "
              f"{results['batch_size']}, {results['threads']} threads, {results['rounds']} alternating rounds", "",
              "| variant | parameters | weights on disk | peak RSS (model + cells) | cells/s (median) | vs float32 | macro-F1 | "
              "accuracy | same type as float32 |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
@@ -233,17 +248,18 @@ def plot(results: dict, path: Path) -> None:
     axis.margins(x=0.15, y=0.2)
     axis.set_xlabel("cells/s vs float32 (median of rounds)")
     axis.set_ylabel("macro-F1, held-out Baron cells")
-    axis.set_title("Compressed scBERT 2.0 classifiers (marker area: bytes on disk)")
+    family = {"scbert": "scBERT", "scbert2": "scBERT 2.0"}[results.get("model_type", "scbert2")]
+    axis.set_title(f"Compressed {family} classifiers (marker area: bytes on disk)")
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
 
 
-def write_results(results: dict, results_dir: Path) -> None:
+def write_results(results: dict, results_dir: Path, name: str) -> None:
     results_dir.mkdir(parents=True, exist_ok=True)
-    (results_dir / "compression.json").write_text(json.dumps(results, indent=2))
-    (results_dir / "compression.md").write_text(render(results))
-    plot(results, results_dir / "compression.png")
+    (results_dir / f"{name}.json").write_text(json.dumps(results, indent=2))
+    (results_dir / f"{name}.md").write_text(render(results))
+    plot(results, results_dir / f"{name}.png")
     print(render(results))
 
 

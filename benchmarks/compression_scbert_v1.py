@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.compression import time_variants
+from benchmarks.compression import count_weights, time_variants
 
 ROOT = Path(__file__).resolve().parents[1]
 PUBLISHED_LENGTH = 16907  # 16,906 panglao genes + the trailing extra token
@@ -89,7 +89,7 @@ def main(argv=None) -> dict:
     for name, model in models.items():
         ratios = [reference / own for reference, own in zip(seconds["float32"], seconds[name])]
         results["variants"][name] = {
-            "parameters": sum(p.numel() for p in model.parameters()),
+            "parameters": count_weights(model),
             "file_bytes": (folders[name] / "model.safetensors").stat().st_size, "seconds_per_pass": seconds[name],
             "cells_per_second": args.cells / statistics.median(seconds[name]),
             "speedup_vs_float32": statistics.median(ratios)}
