@@ -112,6 +112,15 @@ def test_int8_folder_loads_as_remote_code_in_a_fresh_interpreter(int8_folder, ba
         np.testing.assert_allclose(logits, loaded(**batch).logits.numpy(), atol=1e-5)
 
 
+def test_ternary_folder_loads_as_remote_code_in_a_fresh_interpreter(ternary_folder, batch, remote_code_predictions):
+    folder, _ = ternary_folder
+    name, logits = remote_code_predictions(folder, batch, "AutoModelForSequenceClassification", "logits")
+    assert name.endswith("modeling_scbert2.ScBert2ForSequenceClassification") and not name.startswith("modeling_")
+    loaded = AutoModelForSequenceClassification.from_pretrained(folder).eval()
+    with torch.no_grad():
+        np.testing.assert_allclose(logits, loaded(**batch).logits.numpy(), atol=1e-5)
+
+
 # ---------------------------------------------------------------------------------------------------------- ternary
 
 def test_ternary_weights_are_absmean_ternary():
