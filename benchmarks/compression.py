@@ -12,10 +12,9 @@ machine hits them alike; quoted: the median seconds per pass and the median of t
 teacher. Peak memory: each variant in a fresh process that prepares the batches, then loads the folder and runs them
 once; quoted is the peak resident memory over the loading and the run (and, in brackets, how far it rose above the
 process with the batches alone).
-Writes benchmarks/results/compression/NAME.json, .md and .png (`--name`, default compression).
-
-    python -m benchmarks.compression --data baron_hvg1000.h5ad --architecture scbert-small --name compression_scbert_v1_hvg1000 \
-        --output_dir outputs/compression_v1_panel -- --num_epochs 5        # scBERT v1 at a panel this CPU trains
+Writes benchmarks/results/compression/NAME.json, .md and .png (`--name`, default compression). `--architecture`
+fine-tunes the teacher from scratch instead (e.g. scBERT v1's `scbert-small` on a small gene panel; see
+results/compression/README.md for why no such run is reported yet).
 """
 
 from __future__ import annotations
