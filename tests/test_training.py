@@ -941,7 +941,9 @@ def test_balanced_log_loss_weighs_every_class_the_same():
 def test_finetune_keeps_the_best_epoch_and_stops_after_patience(finetune_data, tmp_path, monkeypatch, metric, scripted,
                                                                  kept):
     values, emitted, saved = iter(scripted), [], []
-    real_metrics, real_save = finetune.classification_metrics, finetune.save_model_folder
+    from train import metrics as metrics_module
+
+    real_metrics, real_save = metrics_module.classification_metrics, finetune.save_model_folder
 
     def validation_metrics(labels, predictions, names=None):
         metrics = real_metrics(labels, predictions, names)
@@ -960,8 +962,9 @@ def test_finetune_keeps_the_best_epoch_and_stops_after_patience(finetune_data, t
         saved.append(emitted[-1])
         real_save(*args, **kwargs)
 
-    monkeypatch.setattr(finetune, "classification_metrics", validation_metrics)
-    monkeypatch.setattr(finetune, "balanced_log_loss", validation_log_loss)
+    # The validation pass (train.metrics.validation_metrics) reads these two from its own module.
+    monkeypatch.setattr(metrics_module, "classification_metrics", validation_metrics)
+    monkeypatch.setattr(metrics_module, "balanced_log_loss", validation_log_loss)
     monkeypatch.setattr(finetune, "save_model_folder", save)
     results = finetune.main(finetune_args(finetune_data, tmp_path / "run", "--architecture", "scbert2-tiny",
                                           "--num_epochs", "8", "--patience", "2", "--no_baseline",

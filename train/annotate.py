@@ -32,6 +32,7 @@ import scipy.sparse as sp
 import torch
 
 from train.cli import run_command
+from train.models import is_classifier
 from train.novelty import load_detector, novelty_scores
 from train.readers import SUPPORTED, read_cells
 
@@ -77,8 +78,9 @@ def load_classifier(folder: str | os.PathLike, device: str | None = None, min_ov
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"--model {folder} is not a model folder (no config.json there): pass the folder a "
                                 "fine-tuning run saved, e.g. outputs/main/model or RUN/model.")
-    architectures = AutoConfig.from_pretrained(folder).architectures or []
-    if not any(name.endswith("ForSequenceClassification") for name in architectures):
+    config = AutoConfig.from_pretrained(folder)
+    architectures = config.architectures or []
+    if not is_classifier(config):
         raise ValueError(
             f"--model {folder} holds {', '.join(architectures) or 'a model'} without a cell type classification "
             f"head (a pretrained encoder). Fine-tune it on labelled cells first: scbert finetune --model {folder} "

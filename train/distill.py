@@ -37,8 +37,8 @@ import modeling_scbert
 from train.cli import run_command
 from train.data import ClassificationCollator, load_tokenized_dataset, make_loader
 from train.loop import EarlyStopping, add_training_arguments, make_accelerator, train_loop
-from train.metrics import balanced_log_loss, classification_metrics, predict, predict_outputs
-from train.models import load_pretrained_folder, save_model_folder, tokenizer_overrides
+from train.metrics import classification_metrics, predict, validation_metrics
+from train.models import is_classifier, load_pretrained_folder, save_model_folder, tokenizer_overrides
 from train.novelty import save_statistics
 
 # The student keeps what ties it to the teacher's tokens and classes.
@@ -79,10 +79,6 @@ def add_distillation_arguments(parser: argparse.ArgumentParser) -> None:
 
 def parse_args(argv=None) -> argparse.Namespace:
     return build_parser().parse_args(argv)
-
-
-def is_classifier(config) -> bool:
-    return any(name.endswith("ForSequenceClassification") for name in (config.architectures or []))
 
 
 def load_classifier_teacher(folder: str, args: argparse.Namespace):
@@ -258,8 +254,7 @@ def train_student(student, teacher, tokenizer, cells: dict, args: argparse.Names
     best_state = {}
     if "validation" in cells:
         def evaluate(model) -> dict[str, float]:
-            logits, y = predict(accelerator, model, cells["validation"], collate, args.per_device_batch_size)
-            return {**classification_metrics(y, logits.argmax(-1)), "balanced_log_loss": balanced_log_loss(y, logits)}
+            return validation_metrics(accelerator, model, cells["validation"], collate, args.per_device_batch_size)
 
         def keep(best):
             best_state["weights"] = {k: v.detach().clone() for k, v in accelerator.unwrap_model(best).state_dict().items()}

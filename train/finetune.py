@@ -30,7 +30,7 @@ from train.cli import run_command
 from train.data import ClassificationCollator, load_tokenized_dataset, make_loader, read_h5ad, training_fingerprint
 from train.genes import initialise_gene_embeddings, select_highly_variable_genes
 from train.loop import EarlyStopping, add_training_arguments, make_accelerator, model_loss, run_identity, train_loop
-from train.metrics import balanced_log_loss, classification_metrics, predict, predict_outputs
+from train.metrics import classification_metrics, predict, predict_outputs, validation_metrics
 from train.novelty import fit_novelty_detector, novelty_scores, save_statistics
 from train.models import (
     architecture_config,
@@ -283,8 +283,7 @@ def main(argv=None) -> dict:
     output = Path(args.output_dir) / "model"
 
     def evaluate(model) -> dict[str, float]:
-        logits, y = predict(accelerator, model, cells["validation"], collate, args.per_device_batch_size)
-        return {**classification_metrics(y, logits.argmax(-1)), "balanced_log_loss": balanced_log_loss(y, logits)}
+        return validation_metrics(accelerator, model, cells["validation"], collate, args.per_device_batch_size)
 
     early_stopping = EarlyStopping(args.metric_for_best, greater_is_better=args.metric_for_best == "macro_f1",
                                    patience=args.patience,

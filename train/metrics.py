@@ -56,6 +56,13 @@ def classification_metrics(labels: np.ndarray, predictions: np.ndarray, names: l
     return metrics
 
 
+def validation_metrics(accelerator: Accelerator, model: torch.nn.Module, dataset, collate_fn: Callable,
+                       batch_size: int) -> dict[str, float]:
+    """Accuracy, macro-F1 and balanced log-loss of a classifier on labelled cells: what early stopping reads."""
+    logits, labels = predict(accelerator, model, dataset, collate_fn, batch_size)
+    return {**classification_metrics(labels, logits.argmax(-1)), "balanced_log_loss": balanced_log_loss(labels, logits)}
+
+
 def balanced_log_loss(labels: np.ndarray, logits: np.ndarray) -> float:
     """Cross-entropy averaged within each class present, then over those classes: every class weighs the same, as in
     macro-F1, but a cell counts by how sure the model is of its true type rather than only by whether the argmax hit

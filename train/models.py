@@ -35,6 +35,11 @@ def load_pretrained_folder(folder: str | os.PathLike, expected_types=("scbert", 
     return config, GeneExpressionTokenizer.from_pretrained(folder, **tokenizer_kwargs)
 
 
+def is_classifier(config) -> bool:
+    """Whether a folder's config is a cell type classifier (a ...ForSequenceClassification head)."""
+    return any(name.endswith("ForSequenceClassification") for name in (config.architectures or []))
+
+
 def is_scbert_v1(architecture: str) -> bool:
     return architecture in modeling_scbert.configuration_scbert.PRESETS
 
