@@ -41,6 +41,12 @@ def non_negative_finite(value: float):
 
 
 @as_validated_field
+def non_negative_finite_or_none(value: float | None):
+    if value is not None and not (math.isfinite(value) and value >= 0):
+        raise ValueError(f"Value must be a finite number >= 0 or None, got {value}.")
+
+
+@as_validated_field
 def class_frequencies(value: list[float] | None):
     if value is not None and not (value and all(math.isfinite(p) and p > 0 for p in value)):
         raise ValueError(f"Value must be None or a non-empty list of finite numbers > 0, got {value}.")

@@ -13,6 +13,7 @@ from .configuration_common import (
     dropout_probability,
     positive_finite,
     non_negative_finite,
+    non_negative_finite_or_none,
     class_frequencies,
 )
 
@@ -60,8 +61,11 @@ class ScBertConfig(PreTrainedConfig):
             Epsilon of every LayerNorm.
         emb_dropout, attn_dropout, ff_dropout (`float`, default to 0.0):
             Dropout after the embeddings, the attention output and inside the feed-forward.
-        initializer_range (`float`, defaults to 0.02):
-            Standard deviation of the normal initialisation of linear, conv and embedding weights.
+        initializer_range (`float`, *optional*):
+            `None` (the default) initialises as performer-pytorch, hence scBERT, does: PyTorch's defaults, i.e.
+            Kaiming-uniform linear and conv layers and normal(0, 1) bin embeddings. Bin embeddings that small next
+            to the gene table (transformers' usual normal(0, 0.02)) leave a from-scratch model unable to tell
+            the cells apart. A number: normal(0, `initializer_range`) for all of them.
         classifier_type (`str`, defaults to `"conv"`):
             Sequence-classification head. `"conv"` is scBERT's fine-tuning head (finetune.py `Identity`):
             Conv2d(1, 1, (1, dim)) -> ReLU -> fc1(max_seq_len -> fc1_size) -> ReLU -> dropout -> fc2(-> fc2_size)
@@ -122,7 +126,7 @@ class ScBertConfig(PreTrainedConfig):
     emb_dropout: float | int = dropout_probability(default=0.0)
     attn_dropout: float | int = dropout_probability(default=0.0)
     ff_dropout: float | int = dropout_probability(default=0.0)
-    initializer_range: float | int = non_negative_finite(default=0.02)
+    initializer_range: float | int | None = non_negative_finite_or_none(default=None)
     classifier_type: Literal["conv", "pooled"] = "conv"
     classifier_fc1_size: int = positive_int(default=512)
     classifier_fc2_size: int = positive_int(default=128)

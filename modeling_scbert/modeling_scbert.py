@@ -170,7 +170,9 @@ class ScBertPreTrainedModel(PreTrainedModel):
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
         std = self.config.initializer_range
-        if isinstance(module, (nn.Linear, nn.Conv2d)):
+        if isinstance(module, (nn.Linear, nn.Conv2d, nn.Embedding)) and std is None:
+            module.reset_parameters()  # PyTorch's defaults, as performer-pytorch
+        elif isinstance(module, (nn.Linear, nn.Conv2d)):
             nn.init.normal_(module.weight, mean=0.0, std=std)
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
@@ -180,8 +182,9 @@ class ScBertPreTrainedModel(PreTrainedModel):
             nn.init.ones_(module.weight)
             nn.init.zeros_(module.bias)
         elif isinstance(module, ScBertEmbeddings) and module.position_embeddings is not None:
-            # Only a stand-in: real checkpoints carry gene2vec (see `load_gene2vec`).
-            nn.init.normal_(module.position_embeddings, mean=0.0, std=std)
+            # Only a stand-in, at the bin embeddings' scale so neither drowns the other: real checkpoints carry
+            # gene2vec (see `load_gene2vec`), and training from scratch loads a co-expression SVD of its cells.
+            nn.init.normal_(module.position_embeddings, mean=0.0, std=1.0 if std is None else std)
         elif isinstance(module, ScBertAttention):
             module.redraw_projection_matrix()
         elif isinstance(module, ScBertModel):

@@ -265,6 +265,21 @@ def test_load_gene2vec_appends_the_extra_token_row():
         model.load_gene2vec(torch.zeros(5, SMALL["dim"]))
 
 
+@pytest.mark.parametrize("initializer_range", [None, 0.02])
+def test_initialisation_is_performer_pytorchs_unless_a_range_is_given(initializer_range):
+    torch.manual_seed(0)
+    model = ScBertForSequenceClassification(ScBertConfig(**SMALL_CONFIG, num_labels=3, initializer_range=initializer_range))
+    bins = model.scbert.embeddings.token_embeddings.weight
+    fc1 = model.classifier.fc1
+    if initializer_range is None:  # nn.Embedding's normal(0, 1), nn.Linear's uniform(+-1/sqrt(fan_in)) with bias
+        assert 0.8 < bins.std() < 1.2
+        assert fc1.weight.abs().max() <= fc1.in_features**-0.5 and fc1.bias.abs().max() > 0
+        assert 0.8 < model.scbert.embeddings.position_embeddings.std() < 1.2
+    else:
+        assert 0.015 < bins.std() < 0.025 and 0.015 < fc1.weight.std() < 0.025
+        assert not fc1.bias.any()
+
+
 # ------------------------------------------------------------------------------------------------ behaviour
 def test_features_redraw_in_training_only():
     model = small_model(ScBertModel, feature_redraw_interval=2)
@@ -436,7 +451,7 @@ def test_config_defaults_are_the_published_scbert():
         ({"feature_redraw_interval": 0}, r"field 'feature_redraw_interval':\s+ValueError: .*positive integer or None"),
         ({"attn_dropout": 1.5}, r"field 'attn_dropout':\s+ValueError: .*must be in \[0, 1\), got 1.5"),
         ({"layer_norm_eps": 0.0}, r"field 'layer_norm_eps':\s+ValueError: Value must be a finite number > 0"),
-        ({"initializer_range": -0.1}, r"field 'initializer_range':\s+ValueError: Value must be a finite number >= 0"),
+        ({"initializer_range": -0.1}, r"field 'initializer_range':\s+ValueError: .*finite number >= 0 or None"),
         ({"classifier_type": "cls"}, r"field 'classifier_type':\s+TypeError: .*expected one of \('conv', 'pooled'\)"),
         ({"mask_token_id": 7}, r"validate_token_ids':\s+ValueError: `mask_token_id` must be in \[0, num_tokens=7\)"),
     ],

@@ -1,5 +1,6 @@
 """Gene-level choices made from the training cells: which genes a cell's tokens come from (highly variable genes)
-and where scBERT 2.0's gene vectors start (a truncated SVD of the cells' expression)."""
+and where the gene vectors start (a truncated SVD of the cells' expression: scBERT 2.0's gene table, scBERT v1's
+positional one)."""
 
 from __future__ import annotations
 
@@ -68,9 +69,16 @@ def svd_gene_embeddings(matrix, hidden_size: int, std: float, seed: int, whiten:
 
 
 def initialise_gene_embeddings(model, dataset, tokenizer: GeneExpressionTokenizer, args: argparse.Namespace) -> None:
-    """Applies ``--gene_embedding_init svd`` / ``svd_whitened`` to a freshly built scBERT 2.0 model (scBERT v1 has
-    no gene table)."""
-    if args.gene_embedding_init.startswith("svd") and model.config.model_type == "scbert2":
-        matrix = dataset_matrix(dataset, tokenizer)
-        model.load_gene_embeddings(svd_gene_embeddings(matrix, model.config.hidden_size, args.gene_embedding_std,
-                                                       args.seed, whiten=args.gene_embedding_init == "svd_whitened"))
+    """Applies ``--gene_embedding_init svd`` / ``svd_whitened`` to a model: scBERT 2.0's gene table, or scBERT v1's
+    frozen positional table, where scBERT has gene2vec (itself an embedding of gene co-expression). Without it v1
+    cannot tell its genes apart, and from scratch it learns only the class prior."""
+    if not args.gene_embedding_init.startswith("svd"):
+        return
+    if model.config.model_type == "scbert" and not model.config.use_gene2vec:
+        return
+    vectors = svd_gene_embeddings(dataset_matrix(dataset, tokenizer), model.config.hidden_size, args.gene_embedding_std,
+                                  args.seed, whiten=args.gene_embedding_init == "svd_whitened")
+    if model.config.model_type == "scbert2":
+        model.load_gene_embeddings(vectors)
+    else:
+        model.load_gene2vec(vectors)

@@ -81,7 +81,8 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
                             "(e.g. 0.995; 0 = off): per-epoch evaluation, the best model and the final model use the "
                             "average, which does not swing with the last few batches as the trained weights do")
     group.add_argument("--gene_embedding_init", choices=["svd", "svd_whitened", "random"], default="svd",
-                       help="scBERT 2.0 from scratch: gene vectors from a truncated SVD of the training cells "
+                       help="from scratch: gene vectors (scBERT 2.0's gene table, scBERT v1's frozen stand-in for gene2vec) "
+                            "from a truncated SVD of the training cells "
                             "(svd: components weighted by their singular values; svd_whitened: every component "
                             "at the same scale, so the small ones, e.g. rare cell types' programmes, are not "
                             "drowned out)")
