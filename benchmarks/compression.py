@@ -60,6 +60,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--pretrained", default=str(ROOT / "checkpoints" / "scbert2-small"))
     parser.add_argument("--architecture", default=None,
                         help="fine-tune the teacher from scratch with this architecture instead (e.g. scbert-small)")
+    parser.add_argument("--panel", type=int, default=0,
+                        help="first keep only the data's N most variable genes (for scBERT v1, which reads every gene "
+                             "of its panel: 1000 trains on this CPU); written to OUTPUT_DIR/panel_N.h5ad")
     parser.add_argument("--ternary_steps", type=int, default=800)
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=5)
@@ -80,6 +83,22 @@ def run(command: list[str], log: Path) -> None:
                                 stderr=subprocess.STDOUT, cwd=ROOT).returncode
     if status:
         raise RuntimeError(f"`scbert {' '.join(command)}` failed (status {status}); see {log}.")
+
+
+def write_panel(data: str, n_genes: int, out: Path) -> str:
+    """The cells restricted to their ``n_genes`` most variable genes (scanpy's Seurat flavour on log-normalised
+    counts of every cell; no labels are used), as OUTPUT_DIR/panel_N.h5ad."""
+    import anndata
+    import scanpy as sc
+
+    path = out / f"panel_{n_genes}.h5ad"
+    if not path.is_file():
+        cells = anndata.read_h5ad(data)
+        logged = sc.pp.log1p(sc.pp.normalize_total(cells, target_sum=1e4, copy=True), copy=True)
+        sc.pp.highly_variable_genes(logged, n_top_genes=n_genes)
+        out.mkdir(parents=True, exist_ok=True)
+        cells[:, logged.var["highly_variable"].to_numpy()].copy().write_h5ad(path)
+    return str(path)
 
 
 def build_variants(args: argparse.Namespace) -> tuple[dict[str, Path], str]:
@@ -188,6 +207,8 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     warnings.filterwarnings("ignore")
     torch.set_num_threads(args.threads)
+    if args.panel:
+        args.data = write_panel(args.data, args.panel, Path(args.output_dir))
     folders, split = build_variants(args)
     models, tokenizer = {}, None
     for name, folder in folders.items():

@@ -161,3 +161,21 @@ def test_compression_benchmark_builds_and_measures_every_variant(tiny_classifier
         assert len(row["seconds_per_pass"]) == 2 and row["cells_per_second"] > 0 and row["peak_rss_mb"] > 0
         assert 0 <= row["macro_f1"] <= 1
     assert "| int8 distilled |" in (out / "results" / "compression.md").read_text()
+
+
+def test_compression_panel_keeps_the_most_variable_genes_of_every_cell(baron_small, tmp_path):
+    import anndata
+    import scanpy as sc
+
+    from benchmarks.compression import write_panel
+
+    source = tmp_path / "cells.h5ad"
+    baron_small.write_h5ad(source)
+    path = write_panel(str(source), 300, tmp_path / "out")
+    panel = anndata.read_h5ad(path)
+    assert path.endswith("panel_300.h5ad") and panel.shape == (baron_small.n_obs, 300)
+    logged = sc.pp.log1p(sc.pp.normalize_total(baron_small, target_sum=1e4, copy=True), copy=True)
+    variable = sc.pp.highly_variable_genes(logged, n_top_genes=300, inplace=False)["highly_variable"].to_numpy()
+    assert list(panel.var_names) == list(baron_small.var_names[variable])  # scanpy's choice, in the data's order
+    assert (panel.X != baron_small[:, panel.var_names].X).nnz == 0  # raw counts, untouched
+    assert write_panel(str(source), 300, tmp_path / "out") == path  # built once, then reused
