@@ -273,7 +273,9 @@ def test_distillation_loss_is_zero_for_a_copy_of_the_teacher(teacher, batch):
     student = AutoModelForSequenceClassification.from_pretrained(teacher.name_or_path).eval()
     loss, outputs = loss_fn(student, dict(batch))
     assert outputs.soft_loss.abs() < 1e-6 and outputs.hidden_loss.abs() < 1e-6 and loss.abs() < 1e-6
-    student.model.layers[1].mlp.down_proj.weight.data.mul_(1.5)
+    torch.manual_seed(0)
+    for weight in student.model.layers[1].parameters():  # a visible change: scaling one matrix can be lost in noise
+        weight.data.add_(0.1 * torch.randn_like(weight))
     loss, outputs = loss_fn(student, dict(batch))
     assert outputs.hidden_loss > 0 and outputs.soft_loss > 0
 
