@@ -16,7 +16,7 @@ Writes benchmarks/results/compression/NAME.json, .md and .png (`--name`, default
 fine-tunes the teacher from scratch instead, e.g. scBERT v1 on the 1,000 most variable genes:
 
     python -m benchmarks.compression --panel 1000 --architecture scbert-small --name compression_scbert_v1_panel1000 \
-        --output_dir outputs/compression_v1_panel      # about 45 min on 2 cores
+        --output_dir outputs/compression_v1_panel      # about 50 min on 2 cores
 """
 
 from __future__ import annotations
