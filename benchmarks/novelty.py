@@ -6,7 +6,9 @@
 For each data set and each held-out type: `python -m train.finetune` (its own process, the defaults unless flags
 follow `--`) on every cell of the other types, which fits the open-set detector (train/novelty.py: thresholds on its
 validation cells); then the saved folder scores the known test cells of that run and every cell of the held-out type.
-Per score: AUROC of novel vs known test cells, the share of novel cells flagged and of known cells wrongly flagged at
+With `--refit_detector` the runs already fine-tuned keep their models, and each detector is fitted anew from the
+folder on the run's own training and validation cells, as fine-tuning fits it (to measure a changed
+train/novelty.py without fine-tuning again). Per score: AUROC of novel vs known test cells, the share of novel cells flagged and of known cells wrongly flagged at
 the folder's saved threshold, and the known cells' macro-F1 without and with flagging (a flagged known cell counts as
 wrong). scBERT's rule (top probability < 0.5 -> unassigned) is scored the same way. Writes
 benchmarks/results/novelty/novelty.json and novelty.md.
@@ -28,7 +30,8 @@ from benchmarks.annotation_cv import BARON, write_bundled_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 DATASETS = {"baron_mouse_pancreas": (str(BARON), "cell_type1"), "pbmc68k_reduced": (None, "bulk_labels")}
-SCORES = ("max_probability", "energy", "prototype_distance", "mahalanobis", "expression_knn")
+SCORES = ("max_probability", "energy", "prototype_distance", "mahalanobis", "expression_knn", "class_scaled_knn",
+          "combined", "combined_max")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -37,6 +40,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--types", nargs="+", default=None, help="held-out types (default: every type)")
     parser.add_argument("--output_dir", default=str(ROOT / "outputs" / "novelty"))
     parser.add_argument("--results_dir", default=str(ROOT / "benchmarks" / "results" / "novelty"))
+    parser.add_argument("--refit_detector", action="store_true",
+                        help="fit each run's detector anew from its folder and split (train/novelty.py as it is now)")
     parser.add_argument("finetune_args", nargs=argparse.REMAINDER, help="after '--': train.finetune flags")
     return parser.parse_args(argv)
 
@@ -51,7 +56,7 @@ def load_dataset(name: str, output_dir: Path):
     return adata, label_key
 
 
-def held_out_run(adata, label_key: str, novel_type: str, folder: Path, extra: list[str]) -> dict:
+def held_out_run(adata, label_key: str, novel_type: str, folder: Path, extra: list[str], refit: bool = False) -> dict:
     """Fine-tunes on the other types (skipped when the run's results exist) and scores its folder."""
     known = adata[adata.obs[label_key] != novel_type].copy()
     folder.mkdir(parents=True, exist_ok=True)
@@ -61,12 +66,29 @@ def held_out_run(adata, label_key: str, novel_type: str, folder: Path, extra: li
                    label_key, "--output_dir", str(folder / "run"), "--no_progress_bar", "--no_baseline", *extra]
         print("$ " + " ".join(command), flush=True)
         subprocess.run(command, check=True, cwd=ROOT)
-    test_rows = json.loads((folder / "run" / "split.json").read_text())["test"]
-    return score_folder(folder / "run" / "model", known[test_rows], adata[adata.obs[label_key] == novel_type],
-                        label_key, novel_type)
+    split = json.loads((folder / "run" / "split.json").read_text())
+    training = known[split["train"]], known[split["validation"]]
+    return score_folder(folder / "run" / "model", known[split["test"]], adata[adata.obs[label_key] == novel_type],
+                        label_key, novel_type, refit_on=training if refit else None)
 
 
-def score_folder(model_folder: Path, known, novel, label_key: str, novel_type: str) -> dict:
+def refit_detector(model, tokenizer, train, validation, label_key: str, false_flag_rate: float):
+    """The detector fine-tuning would fit for this model now: statistics from ``train``, thresholds on ``validation``."""
+    from train.annotate import run_model
+    from train.novelty import fit_novelty_detector
+
+    outputs = {}
+    for part, cells in (("train", train), ("validation", validation)):
+        expression = tokenizer.encode_matrix(cells)
+        logits, embeddings = run_model(model, tokenizer, expression, 64)
+        outputs[part] = {"logits": logits, "embeddings": embeddings, "expression": expression,
+                         "labels": np.array([model.config.label2id[t] for t in cells.obs[label_key]])}
+    genes = None if tokenizer.selected_genes is None else tokenizer.selected_token_ids - tokenizer.num_special_tokens
+    return fit_novelty_detector(outputs["train"], outputs["validation"], model.config.num_labels, false_flag_rate,
+                                expression_genes=genes)
+
+
+def score_folder(model_folder: Path, known, novel, label_key: str, novel_type: str, refit_on=None) -> dict:
     from sklearn.metrics import f1_score, roc_auc_score
 
     from train.annotate import load_classifier, run_model
@@ -74,6 +96,8 @@ def score_folder(model_folder: Path, known, novel, label_key: str, novel_type: s
 
     model, tokenizer = load_classifier(model_folder, "cpu")
     detector, statistics = load_detector(model.config, model_folder)
+    if refit_on is not None:
+        detector, statistics = refit_detector(model, tokenizer, *refit_on, label_key, detector["false_flag_rate"])
     label2id = model.config.label2id
     outputs = {}
     for part, cells in (("known", known), ("novel", novel)):
@@ -120,7 +144,10 @@ def render(results: dict) -> str:
     names = {"scbert_rule": "scBERT's rule (top probability < 0.5)", "max_probability": "1 - top probability",
              "energy": "energy (-logsumexp logits)", "prototype_distance": "cosine distance to nearest class mean",
              "mahalanobis": "Mahalanobis distance to nearest class mean",
-             "expression_knn": "distance to 5th nearest training cell, expression PCA"}
+             "expression_knn": "distance to 5th nearest training cell, expression PCA",
+             "class_scaled_knn": "the same, divided by the predicted type's median",
+             "combined": "mean of class-scaled kNN and Mahalanobis, standardised",
+             "combined_max": "max of class-scaled kNN and Mahalanobis, standardised"}
     lines = []
     for dataset, block in results["datasets"].items():
         summary = block["summary"]
@@ -167,8 +194,8 @@ def main(argv=None) -> dict:
         if not types:
             print(f"{name}: none of --types {args.types} is a type of this data set; skipped.", flush=True)
             continue
-        runs = [held_out_run(adata, label_key, novel_type, Path(args.output_dir) / name / safe(novel_type), extra)
-                for novel_type in types]
+        runs = [held_out_run(adata, label_key, novel_type, Path(args.output_dir) / name / safe(novel_type), extra,
+                             args.refit_detector) for novel_type in types]
         results["datasets"][name] = {"label_key": label_key, "finetune_args": extra, "runs": runs,
                                      "not_held_out": [t for t in present if t not in types],
                                      "summary": summarise(runs), "wall_seconds": time.perf_counter() - start}

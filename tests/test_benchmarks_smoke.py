@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -89,9 +91,16 @@ def test_novelty_benchmark_scores_a_held_out_type_with_every_rule(tmp_path):
     (run,) = measured["runs"]
     assert run["novel_type"] == "CD19+ B" and run["novel_cells"] == 95
     assert set(run["scores"]) == {"scbert_rule", "max_probability", "energy", "prototype_distance", "mahalanobis",
-                                  "expression_knn"}
+                                  "expression_knn", "class_scaled_knn", "combined", "combined_max"}
     for rule in run["scores"].values():
         assert 0 <= rule["auroc"] <= 1 and 0 <= rule["novel_flagged"] <= 1 and 0 <= rule["known_flagged"] <= 1
+    # Refitting the detector from the saved folder and split, without fine-tuning again, gives fine-tuning's own.
+    refit = subprocess.run(command[:3] + ["--refit_detector"] + command[3:], cwd=ROOT, capture_output=True, text=True,
+                           timeout=600)
+    assert refit.returncode == 0 and "train.finetune" not in refit.stdout, refit.stderr[-3000:]
+    (refitted,) = json.loads((out / "results" / "novelty.json").read_text())["datasets"]["pbmc68k_reduced"]["runs"]
+    for name, rule in run["scores"].items():
+        assert refitted["scores"][name]["threshold"] == pytest.approx(rule["threshold"], rel=1e-3, abs=1e-5), name
     # The held-out type is absent from the known test cells and from the model's classes.
     model = json.loads((out / "pbmc68k_reduced" / "CD19__B" / "run" / "model" / "config.json").read_text())
     assert "CD19+ B" not in model["label2id"] and len(model["label2id"]) == 9

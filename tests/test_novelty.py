@@ -108,3 +108,74 @@ def test_expression_knn_flags_cells_far_from_every_training_cell_in_expression_s
     save_statistics(statistics, tmp_path)  # gene indices stay integers through the file
     _, loaded = load_detector(SimpleNamespace(novelty_detection=settings), tmp_path)
     assert loaded["expression_genes"].dtype.kind == "i" and np.array_equal(loaded["expression_genes"], genes)
+
+
+def gaussian_cells(rng, centres: np.ndarray, labels: np.ndarray, spreads: np.ndarray):
+    """Dense 'expression' (any values work for the PCA) as the sparse matrix the scores take."""
+    import scipy.sparse as sp
+
+    return sp.csr_matrix(centres[labels] + spreads[labels, None] * rng.standard_normal((len(labels), centres.shape[1])))
+
+
+def test_class_scale_is_the_median_distance_of_a_types_training_cells_to_their_5th_nearest_other_cell():
+    from scipy.spatial.distance import cdist
+
+    rng = np.random.default_rng(1)
+    labels = np.repeat([0, 1], [40, 12])
+    expression = gaussian_cells(rng, 4.0 * np.eye(2, 30), labels, np.array([0.5, 2.0]))
+    train = {"logits": np.eye(2)[labels], "embeddings": None, "labels": labels, "expression": expression}
+    _, statistics = fit_novelty_detector(train, train, 2, 0.05)
+    distances = cdist(statistics["train_coordinates"], statistics["train_coordinates"])
+    np.fill_diagonal(distances, np.inf)
+    fifth = np.sort(distances, axis=1)[:, 4]
+    np.testing.assert_allclose(statistics["class_knn_scale"], [np.median(fifth[labels == c]) for c in (0, 1)], rtol=1e-6)
+
+
+def test_class_scaling_stops_one_threshold_from_flagging_the_known_cells_of_a_diffuse_rare_type():
+    rng = np.random.default_rng(2)
+    centres, spreads = 6.0 * np.eye(3, 40), np.array([0.5, 0.5, 2.0])  # type 2: rare and spread out
+
+    def cells(per_type):
+        labels = np.repeat(np.arange(3), per_type)
+        return {"logits": 5.0 * np.eye(3)[labels], "embeddings": None, "labels": labels,
+                "expression": gaussian_cells(rng, centres, labels, spreads)}
+
+    train, validation, test = cells([300, 300, 20]), cells([100, 100, 4]), cells([100, 100, 30])
+    settings, statistics = fit_novelty_detector(train, validation, 3, 0.05)
+    scores = novelty_scores(test["logits"], None, statistics, test["expression"])
+    rare = test["labels"] == 2
+    flagged = {name: np.mean(scores[name][rare] > settings["thresholds"][name])
+               for name in ("expression_knn", "class_scaled_knn")}
+    assert flagged["expression_knn"] > 0.8 and flagged["class_scaled_knn"] < 0.2, flagged
+
+
+def test_combined_scores_catch_novel_cells_that_only_one_of_their_parts_sees():
+    rng = np.random.default_rng(3)
+    centres = 4.0 * np.eye(5, 30)  # types 0-2 known; 3 and 4 only as novel cells
+    ones = np.ones(5)
+
+    def cells(labels, embedding_type):
+        """Embeddings of the classifier: type ``embedding_type[label]`` (a novel type mapped onto a known one)."""
+        embeddings = centres[embedding_type[labels], :8] + 0.3 * rng.standard_normal((len(labels), 8))
+        return {"logits": embeddings @ centres[:3, :8].T, "embeddings": embeddings, "labels": labels,
+                "expression": gaussian_cells(rng, centres, labels, 0.5 * ones)}
+
+    honest = np.arange(5)  # the embedding tells every type apart
+    train, validation, known = (cells(np.repeat(np.arange(3), n), honest) for n in (150, 60, 60))
+    settings, statistics = fit_novelty_detector(train, validation, 3, 0.05)
+    # Novel in expression only: the classifier maps type 3 onto type 0's embedding.
+    expression_only = cells(np.full(60, 3), np.array([0, 1, 2, 0, 4]))
+    # Novel in the embedding only: type 4's expression is type 1's, but its embedding is new.
+    embedding_only = cells(np.full(60, 1), honest) | {"embeddings": centres[4, :8] + 0.3 * rng.standard_normal((60, 8))}
+    embedding_only["logits"] = embedding_only["embeddings"] @ centres[:3, :8].T
+
+    def auroc_of(novel, name):
+        score = lambda c: novelty_scores(c["logits"], c["embeddings"], statistics, c["expression"])[name]
+        return auroc(score(novel), score(known))
+
+    assert auroc_of(expression_only, "mahalanobis") < 0.7 and auroc_of(embedding_only, "class_scaled_knn") < 0.7
+    for name in ("combined", "combined_max"):
+        assert auroc_of(expression_only, name) > 0.95 and auroc_of(embedding_only, name) > 0.95, name
+        validation_scores = novelty_scores(validation["logits"], validation["embeddings"], statistics,
+                                           validation["expression"])[name]
+        assert np.mean(validation_scores > settings["thresholds"][name]) == pytest.approx(0.05, abs=0.011)
