@@ -63,9 +63,10 @@ class ScBertConfig(PreTrainedConfig):
             Dropout after the embeddings, the attention output and inside the feed-forward.
         initializer_range (`float`, *optional*):
             `None` (the default) initialises as performer-pytorch, hence scBERT, does: PyTorch's defaults, i.e.
-            Kaiming-uniform linear and conv layers and normal(0, 1) bin embeddings. Bin embeddings that small next
-            to the gene table (transformers' usual normal(0, 0.02)) leave a from-scratch model unable to tell
-            the cells apart. A number: normal(0, `initializer_range`) for all of them.
+            Kaiming-uniform linear and conv layers and normal(0, 1) bin embeddings. At transformers' usual
+            normal(0, 0.02) both the bin embeddings and a random stand-in for the frozen gene2vec table are too
+            small for a from-scratch model to tell the cells apart (it learns only the class prior). A number:
+            normal(0, `initializer_range`) for all of them.
         classifier_type (`str`, defaults to `"conv"`):
             Sequence-classification head. `"conv"` is scBERT's fine-tuning head (finetune.py `Identity`):
             Conv2d(1, 1, (1, dim)) -> ReLU -> fc1(max_seq_len -> fc1_size) -> ReLU -> dropout -> fc2(-> fc2_size)
