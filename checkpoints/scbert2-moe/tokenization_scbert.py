@@ -587,12 +587,14 @@ class GeneExpressionTokenizer(PushToHubMixin):
             selected = np.isin(ids, self._selected_ids, assume_unique=True)
             if selected.any():
                 ids, vals = ids[selected], vals[selected]
+        order = np.argsort(ids, kind="stable")
+        ids, vals = ids[order], vals[order]
         if budget is not None and len(ids) > budget:
-            # The most expressed genes; a stable sort keeps ties in gene order, so truncation is deterministic.
+            # The most expressed genes; ties (common in counts) go to the lower gene id, whatever order the cell's
+            # genes came in, so an annotated cell gets the tokens it got in fine-tuning.
             keep = np.sort(np.argsort(-vals, kind="stable")[:budget])
             ids, vals = ids[keep], vals[keep]
-        order = np.argsort(ids, kind="stable")
-        return ids[order], vals[order]
+        return ids, vals
 
     def __call__(
         self,
