@@ -8,9 +8,9 @@ follow `--`) on every cell of the other types, which fits the open-set detector 
 validation cells); then the saved folder scores the known test cells of that run and every cell of the held-out type.
 With `--refit_detector` the runs already fine-tuned keep their models, and each detector is fitted anew from the
 folder on the run's own training and validation cells, as fine-tuning fits it (to measure a changed
-train/novelty.py without fine-tuning again). Per score: AUROC of novel vs known test cells, the share of novel cells flagged and of known cells wrongly flagged at
-the folder's saved threshold, and the known cells' macro-F1 without and with flagging (a flagged known cell counts as
-wrong). scBERT's rule (top probability < 0.5 -> unassigned) is scored the same way. Writes
+train/novelty.py without fine-tuning again). Per score: AUROC of novel vs known test cells, the share of novel
+cells flagged and of known cells wrongly flagged at the folder's saved threshold, and the known cells' macro-F1
+without and with flagging (a flagged known cell counts as wrong). scBERT's rule (top probability < 0.5 -> unassigned) is scored the same way. Writes
 benchmarks/results/novelty/novelty.json and novelty.md.
 """
 
@@ -75,7 +75,7 @@ def held_out_run(adata, label_key: str, novel_type: str, folder: Path, extra: li
 def refit_detector(model, tokenizer, train, validation, label_key: str, false_flag_rate: float):
     """The detector fine-tuning would fit for this model now: statistics from ``train``, thresholds on ``validation``."""
     from train.annotate import run_model
-    from train.novelty import fit_novelty_detector
+    from train.novelty import fit_novelty_detector, model_expression_genes
 
     outputs = {}
     for part, cells in (("train", train), ("validation", validation)):
@@ -83,9 +83,8 @@ def refit_detector(model, tokenizer, train, validation, label_key: str, false_fl
         logits, embeddings = run_model(model, tokenizer, expression, 64)
         outputs[part] = {"logits": logits, "embeddings": embeddings, "expression": expression,
                          "labels": np.array([model.config.label2id[t] for t in cells.obs[label_key]])}
-    genes = None if tokenizer.selected_genes is None else tokenizer.selected_token_ids - tokenizer.num_special_tokens
     return fit_novelty_detector(outputs["train"], outputs["validation"], model.config.num_labels, false_flag_rate,
-                                expression_genes=genes)
+                                expression_genes=model_expression_genes(tokenizer))
 
 
 def score_folder(model_folder: Path, known, novel, label_key: str, novel_type: str, refit_on=None) -> dict:

@@ -31,7 +31,7 @@ from train.data import ClassificationCollator, load_tokenized_dataset, make_load
 from train.genes import initialise_gene_embeddings, select_highly_variable_genes
 from train.loop import EarlyStopping, add_training_arguments, make_accelerator, model_loss, run_identity, train_loop
 from train.metrics import classification_metrics, predict, predict_outputs, validation_metrics
-from train.novelty import fit_novelty_detector, novelty_scores, save_statistics
+from train.novelty import fit_novelty_detector, model_expression_genes, novelty_scores, save_statistics
 from train.models import (
     architecture_config,
     architecture_mode,
@@ -350,10 +350,10 @@ def fit_novelty(accelerator, model, cells: dict, collate, split: dict, expressio
     in the model's config; returns them with its statistics."""
     outputs = {part: predict_outputs(accelerator, model, cells[part], collate, args.per_device_batch_size)
                | {"expression": expression[split[part]]} for part in ("train", "validation")}
-    genes = None if tokenizer.selected_genes is None else tokenizer.selected_token_ids - tokenizer.num_special_tokens
     detector, statistics = fit_novelty_detector(outputs["train"], outputs["validation"],
                                                 accelerator.unwrap_model(model).config.num_labels,
-                                                args.novelty_false_flag_rate, expression_genes=genes)
+                                                args.novelty_false_flag_rate,
+                                                expression_genes=model_expression_genes(tokenizer))
     accelerator.unwrap_model(model).config.novelty_detection = detector
     return detector, statistics
 

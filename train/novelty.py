@@ -118,6 +118,11 @@ def novelty_scores(logits: np.ndarray, embeddings: np.ndarray | None, statistics
             for name in available if names is None or name in names}
 
 
+def model_expression_genes(tokenizer) -> np.ndarray | None:
+    """The vocabulary columns the model reads (its highly variable genes); None: all of them."""
+    return None if tokenizer.selected_genes is None else tokenizer.selected_token_ids - tokenizer.num_special_tokens
+
+
 def expression_coordinates(expression, statistics: dict[str, np.ndarray]) -> np.ndarray:
     """[cells, vocabulary genes] -> [cells, components]: the training cells' principal components."""
     X = expression[:, statistics["expression_genes"].astype(np.int64)]
@@ -214,7 +219,8 @@ def load_detector(config, folder: str | os.PathLike | None) -> tuple[dict, dict[
     if settings is None:
         return SCBERT_RULE, None
     path = Path(folder) / STATISTICS_FILE if folder else None
-    if settings["score"] in EMBEDDING_SCORES + EXPRESSION_SCORES + COMBINED_SCORES and (path is None or not path.is_file()):
+    needs_statistics = settings["score"] in EMBEDDING_SCORES + EXPRESSION_SCORES + COMBINED_SCORES
+    if needs_statistics and (path is None or not path.is_file()):
         raise FileNotFoundError(
             f"The model's novelty detector flags by {settings['score']!r}, which needs the class statistics in "
             f"{STATISTICS_FILE} next to config.json; none was found in {folder!r}. Copy the whole fine-tuned folder."
