@@ -7,10 +7,10 @@ CellTypist's published models download from the web, which this machine cannot d
 to 10,000 counts per cell; multinomial, see `default_solver_on_new_scikit_learn`) and scored on the fold's test cells
 with `celltypist.annotate` (no majority voting).
 
-The folds are rebuilt with `train.finetune.split_cells` and finetune's own defaults (seed, sizes), exactly as each
-CV fold's `scbert finetune --kfold 5 --fold i` built them; the L1 baseline is refitted on them as a check: its
-per-fold macro-F1 must match the one stored in the committed CV results (within liblinear's run-to-run noise), and
-the split sizes too, or the script stops. The scBERT 2.0 numbers are read from those results
+The folds are rebuilt with `train.finetune.split_cells` and finetune's own defaults (seed, sizes, baseline C grid),
+exactly as each CV fold's `scbert finetune --kfold 5 --fold i` built them; the L1 baseline is refitted on them, with
+numpy's global RNG seeded as finetune seeds it, as a check: its per-fold macro-F1 must match the one stored in the
+committed CV results, and the split sizes too, or the script stops. The scBERT 2.0 numbers are read from those results
 (benchmarks/results/annotation/). CellTypist's cells/s: test cells over its `annotate` seconds (scBERT's are measured
 end to end by benchmarks/annotate_speed.py). Writes benchmarks/results/annotation/celltypist_cv.json and .md.
 """
@@ -45,15 +45,23 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def fold_splits(path: str, label_key: str, kfold: int, labels: np.ndarray, names: list[str]) -> list[dict]:
+def fold_args(path: str, label_key: str, kfold: int) -> list:
+    """Each CV fold's `scbert finetune` arguments, finetune's defaults for everything the CV did not pass."""
     from train import finetune
 
-    splits = []
-    for fold in range(kfold):
-        args = finetune.parse_args(["--data", path, "--label_key", label_key, "--kfold", str(kfold), "--fold",
-                                    str(fold), "--output_dir", "unused"])
-        splits.append(finetune.split_cells(labels, names, args))
-    return splits
+    return [finetune.parse_args(["--data", path, "--label_key", label_key, "--kfold", str(kfold), "--fold", str(fold),
+                                 "--output_dir", "unused"]) for fold in range(kfold)]
+
+
+def cv_baseline(features, labels: np.ndarray, names: list[str], split: dict, args) -> dict:
+    """finetune's L1 baseline as the CV fitted it. Liblinear draws the seed of its coordinate descent from numpy's
+    global RNG (the baseline passes no random_state); `scbert finetune` seeds that RNG with --seed (set_seed) and
+    nothing draws from it before the baseline. Unseeded, pbmc68k's 56 validation cells per fold pick C = 0.1 or 1 at
+    random (fold 0: test macro-F1 0.571 or 0.659)."""
+    from train.finetune import logistic_regression_baseline
+
+    np.random.seed(args.seed)
+    return logistic_regression_baseline(features, labels, names, split, tuple(args.baseline_C))
 
 
 def celltypist_fold(adata, labels: np.ndarray, names: list[str], split: dict) -> dict:
@@ -103,8 +111,8 @@ def default_solver_on_new_scikit_learn():
 
 
 def check_same_fold(name: str, fold: int, split: dict, baseline: dict, stored: dict) -> None:
-    """The rebuilt fold must have the committed fold's sizes and baseline score (liblinear's coordinate descent
-    shuffles, so a refit can move macro-F1 by a few 1e-4; another fold moves it by far more)."""
+    """The rebuilt fold must have the committed fold's sizes and baseline score (seeded as in the CV, the refit
+    reproduces it to the last digit: every pbmc68k fold, Baron fold 0; another fold moves it by far more than 0.005)."""
     sizes = {part: len(rows) for part, rows in split.items()}
     stored_f1 = stored["baseline_logistic_regression_l1"]["macro_f1"]
     if sizes != {part: stored["split"][part] for part in sizes} or abs(baseline["macro_f1"] - stored_f1) > 0.005:
@@ -116,7 +124,7 @@ def run_dataset(name: str, output_dir: Path) -> dict:
     import anndata
 
     from tokenization import GeneExpressionTokenizer
-    from train.finetune import logistic_regression_baseline
+    from train import finetune
 
     path, label_key, cv_file = DATASETS[name]
     path = str(path or write_bundled_dataset(name, output_dir))
@@ -127,8 +135,9 @@ def run_dataset(name: str, output_dir: Path) -> dict:
     # The baseline's features, as `scbert finetune` builds them: log2-normalised expression of every gene.
     features = GeneExpressionTokenizer.from_adata(adata, mode="scbert2").encode_matrix(adata)
     folds = []
-    for fold, split in enumerate(fold_splits(path, label_key, cv["kfold"], labels, names)):
-        baseline = logistic_regression_baseline(features, labels, names, split, (0.01, 0.1, 1.0))
+    for fold, args in enumerate(fold_args(path, label_key, cv["kfold"])):
+        split = finetune.split_cells(labels, names, args)
+        baseline = cv_baseline(features, labels, names, split, args)
         check_same_fold(name, fold, split, baseline, cv["folds"][fold])
         folds.append({"celltypist": celltypist_fold(adata, labels, names, split),
                       "baseline_logistic_regression_l1": baseline,
