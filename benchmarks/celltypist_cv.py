@@ -112,7 +112,7 @@ def default_solver_on_new_scikit_learn():
 
 def check_same_fold(name: str, fold: int, split: dict, baseline: dict, stored: dict) -> None:
     """The rebuilt fold must have the committed fold's sizes and baseline score (seeded as in the CV, the refit
-    reproduces it to the last digit: every pbmc68k fold, Baron fold 0; another fold moves it by far more than 0.005)."""
+    reproduces it to the last digit on every fold of both data sets; another fold moves it by far more than 0.005)."""
     sizes = {part: len(rows) for part, rows in split.items()}
     stored_f1 = stored["baseline_logistic_regression_l1"]["macro_f1"]
     if sizes != {part: stored["split"][part] for part in sizes} or abs(baseline["macro_f1"] - stored_f1) > 0.005:
