@@ -1,12 +1,13 @@
-"""The compressed family side by side on held-out Baron mouse cells: float, int8, distilled, int8 distilled, ternary.
+"""The compressed family side by side on held-out Baron mouse cells: float, int8, distilled, int8 distilled, bfloat16,
+bfloat16 distilled, ternary.
 
     python -m benchmarks.compression                       # about 30 min on 2 cores (fine-tunes the teacher first)
     python -m benchmarks.compression --teacher outputs/main/finetune/model --split outputs/main/finetune/split.json
 
 The teacher is a scBERT 2.0 classifier fine-tuned on Baron from the shipped `checkpoints/scbert2-small` (`scbert
 finetune`, its default recipe), unless --teacher names one with its split. Each variant is built by the project's
-own commands (`scbert quantize --method int8|ternary`, `scbert distill`) on the teacher's training cells and scored
-on its test cells, which none of them saw. Then every variant, in one process, runs the same test cells in the same
+own commands (`scbert quantize --method int8|bfloat16|ternary`, `scbert distill`) on the teacher's training cells
+and scored on its test cells, which none of them saw. Then every variant, in one process, runs the same test cells in the same
 length-sorted batches, the variants taking turns in every round (the order rotating), so a slow spell of the shared
 machine hits them alike; quoted: the median seconds per pass and the median of the per-round ratios to the float
 teacher. Peak memory: each variant in a fresh process that prepares the batches, then loads the folder and runs them
@@ -121,6 +122,9 @@ def build_variants(args: argparse.Namespace) -> tuple[dict[str, Path], str]:
         ("distilled", ["distill", "--teacher", teacher, *common, "--split", split]),
         ("int8 distilled", ["quantize", "--model", str(distilled / "model"), "--method", "int8", *common,
                             "--split", split]),
+        ("bfloat16", ["quantize", "--model", teacher, "--method", "bfloat16", *common, "--split", split]),
+        ("bfloat16 distilled", ["quantize", "--model", str(distilled / "model"), "--method", "bfloat16", *common,
+                                "--split", split]),
         ("ternary", ["quantize", "--model", teacher, "--method", "ternary", *common, "--split", split,
                      "--steps", str(args.ternary_steps)]),
     ]
@@ -264,7 +268,7 @@ def plot(results: dict, path: Path) -> None:
     for name, row in variants.items():
         axis.scatter(row["speedup_vs_float32"], row["macro_f1"], s=400 * row["file_bytes"] / reference["file_bytes"],
                      alpha=0.6)
-        below = name.startswith("int8")  # the int8 variants sit next to their float model
+        below = name.startswith(("int8", "bfloat16"))  # these sit next to their float model
         axis.annotate(name, (row["speedup_vs_float32"], row["macro_f1"]), textcoords="offset points",
                       xytext=(-10, -16) if below else (-10, 10))
     axis.margins(x=0.15, y=0.2)

@@ -120,6 +120,34 @@ def write_10x_h5(adata: ad.AnnData, path: Path) -> None:
         features["genome"] = np.array(["mm10"] * adata.n_vars, dtype="S")
 
 
+def test_bfloat16_batches_come_in_few_lengths_and_padding_changes_no_answer(classifier, cells, monkeypatch):
+    import torch
+
+    from train import annotate as annotate_module
+    from train.annotate import load_classifier, padding_multiple, run_model
+
+    model, tokenizer = load_classifier(classifier, "cpu")
+    assert padding_multiple(model, tokenizer) is None
+    model = model.to(torch.bfloat16)
+    assert padding_multiple(model, tokenizer) == 32
+    X = tokenizer.encode_matrix(cells)
+    lengths, real_collate = [], tokenizer.collate
+
+    def recording_collate(*args, **kwargs):
+        batch = real_collate(*args, **kwargs)
+        lengths.append(batch["input_ids"].shape[1])
+        return batch
+
+    monkeypatch.setattr(tokenizer, "collate", recording_collate)
+    padded = run_model(model, tokenizer, X, batch_size=16)
+    assert lengths and all(length % 32 == 0 for length in lengths)
+    monkeypatch.setattr(annotate_module, "padding_multiple", lambda model, tokenizer: None)
+    unpadded = run_model(model, tokenizer, X, batch_size=16)
+    np.testing.assert_array_equal(padded[0].argmax(-1), unpadded[0].argmax(-1))
+    np.testing.assert_allclose(padded[0], unpadded[0], atol=0.05)  # bfloat16 sums in another order, nothing more
+    np.testing.assert_allclose(padded[1], unpadded[1], atol=0.05)
+
+
 def test_every_supported_format_gives_the_same_annotation(classifier, cells, tmp_path):
     reference = annotate(cells.copy(), classifier).obs["scbert_cell_type"].astype(str).tolist()
     table = pd.DataFrame(sp.csr_matrix(cells.X).toarray(), index=cells.obs_names, columns=cells.var_names)

@@ -162,10 +162,12 @@ def test_compression_benchmark_builds_and_measures_every_variant(tiny_classifier
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     measured = json.loads((out / "results" / "compression.json").read_text())["variants"]
-    assert list(measured) == ["float32", "int8", "distilled", "int8 distilled", "ternary"]
+    assert list(measured) == ["float32", "int8", "distilled", "int8 distilled", "bfloat16", "bfloat16 distilled",
+                              "ternary"]
     assert measured["float32"]["same_type_as_float32"] == 1.0
     assert measured["distilled"]["parameters"] < measured["float32"]["parameters"]
     assert measured["ternary"]["file_bytes"] < measured["float32"]["file_bytes"]
+    assert measured["bfloat16"]["file_bytes"] < 0.6 * measured["float32"]["file_bytes"]
     for row in measured.values():
         assert len(row["seconds_per_pass"]) == 2 and row["cells_per_second"] > 0 and row["peak_rss_mb"] > 0
         assert 0 <= row["macro_f1"] <= 1

@@ -105,6 +105,22 @@ def test_v2_truncates_to_the_most_expressed_genes_and_pads_to_the_longest(baron_
     np.testing.assert_array_equal(padded["attention_mask"].sum(1), lengths)
 
 
+def test_pad_to_multiple_of_rounds_the_length_up_with_padding_only(baron_small):
+    tok = baron_tokenizer(baron_small, mode="scbert2", max_length=None)
+    cells = list(tok._iter_cells(tok.encode_matrix(baron_small[:5])))
+    plain = tok.collate(cells, return_tensors="np")
+    padded = tok.collate(cells, return_tensors="np", pad_to_multiple_of=32)
+    length = plain["input_ids"].shape[1]
+    assert padded["input_ids"].shape[1] == -(-length // 32) * 32 > length
+    for key in ("input_ids", "values", "bin_ids", "attention_mask"):
+        np.testing.assert_array_equal(padded[key][:, :length], plain[key])
+    assert (padded["attention_mask"][:, length:] == 0).all()
+    assert (padded["input_ids"][:, length:] == tok.pad_token_id).all()
+    for bad in ({"pad_to_multiple_of": 0}, {"pad_to_multiple_of": 8, "packed": True}):
+        with pytest.raises(ValueError, match="pad_to_multiple_of=.* needs a positive int and padded cells"):
+            tok.collate(cells, **bad)
+
+
 def test_truncation_keeps_the_same_genes_whatever_order_a_cells_genes_come_in(baron_small):
     # Raw counts tie often at the cut (many genes of count 1): the kept genes must not depend on the input order,
     # or an annotated cell (genes in CSR order) gets other tokens than in fine-tuning (genes sorted in Arrow).

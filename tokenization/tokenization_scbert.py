@@ -499,7 +499,8 @@ class GeneExpressionTokenizer(PushToHubMixin):
         return np.minimum(np.floor(values), self.num_bins).astype(np.int64)
 
     def collate(
-        self, cells: Sequence[dict[str, Any]], return_tensors: str | None = "pt", packed: bool = False
+        self, cells: Sequence[dict[str, Any]], return_tensors: str | None = "pt", packed: bool = False,
+        pad_to_multiple_of: int | None = None,
     ) -> BatchEncoding:
         """Pads a list of sparse cells ({"gene_ids", "values"[, "label"]}) into one model batch for this mode.
 
@@ -510,9 +511,15 @@ class GeneExpressionTokenizer(PushToHubMixin):
         ``cu_seq_lens_q``/``cu_seq_lens_k`` (int32 cell boundaries, ``[num_cells + 1]``) and
         ``max_length_q``/``max_length_k`` (python ints), the padding-free inputs of transformers' flash attention
         (as ``DataCollatorWithFlattening`` builds them), and no ``attention_mask``. ``labels`` stay one per cell.
+
+        ``pad_to_multiple_of`` (padded ``mode="scbert2"`` batches) rounds the padded length up to a multiple of it, as
+        transformers' tokenizers do: fewer distinct shapes for kernels that keep state per shape.
         """
         if not cells:
             raise ValueError("collate got an empty list of cells.")
+        if pad_to_multiple_of is not None and (pad_to_multiple_of < 1 or packed or self.mode != "scbert2"):
+            raise ValueError(f"pad_to_multiple_of={pad_to_multiple_of} needs a positive int and padded cells of "
+                             f"mode='scbert2' (got mode={self.mode!r}, packed={packed}).")
         if packed and self.mode != "scbert2":
             raise ValueError(
                 f"packed=True needs mode='scbert2', got mode={self.mode!r}: scBERT v1 takes every vocabulary gene in "
@@ -521,7 +528,7 @@ class GeneExpressionTokenizer(PushToHubMixin):
         if self.mode == "scbert":
             batch = self._collate_full_panel(cells)
         else:
-            batch = self._collate_expressed(cells, packed)
+            batch = self._collate_expressed(cells, packed, pad_to_multiple_of or 1)
         if "label" in cells[0]:
             batch["labels"] = np.asarray([cell["label"] for cell in cells], dtype=np.int64)
         encoding = BatchEncoding(batch, tensor_type=return_tensors)
@@ -538,13 +545,13 @@ class GeneExpressionTokenizer(PushToHubMixin):
             input_ids[row, positions] = self.bin_values(np.asarray(cell["values"], dtype=np.float32))
         return {"input_ids": input_ids, "attention_mask": np.ones_like(input_ids)}
 
-    def _collate_expressed(self, cells: Sequence[dict[str, Any]], packed: bool) -> dict[str, np.ndarray]:
+    def _collate_expressed(self, cells: Sequence[dict[str, Any]], packed: bool, multiple: int) -> dict[str, np.ndarray]:
         offset = 1 if self.add_cls_token else 0
         budget = None if self.max_length is None else self.max_length - offset
         chosen = [self._select_genes(cell, budget) for cell in cells]
         if packed:
             return self._pack_expressed(chosen, offset)
-        length = offset + max(len(ids) for ids, _ in chosen)
+        length = -(-(offset + max(len(ids) for ids, _ in chosen)) // multiple) * multiple  # ceil to the multiple
         input_ids = np.full((len(cells), length), self.pad_token_id, dtype=np.int64)
         values = np.zeros((len(cells), length), dtype=np.float32)
         attention_mask = np.zeros((len(cells), length), dtype=np.int64)

@@ -90,6 +90,9 @@ def load_classifier_teacher(folder: str, args: argparse.Namespace):
     if getattr(config, "quantization_config", None) is not None:
         raise ValueError(f"{folder} is already quantized ({config.quantization_config['quant_method']}): use the "
                          "float folder it was made from.")
+    stored = str(getattr(config, "dtype", None) or "float32").removeprefix("torch.")
+    if stored != "float32":
+        raise ValueError(f"{folder} is stored as {stored}: use the float32 folder it was made from.")
     teacher = getattr(modeling_scbert, config.architectures[0]).from_pretrained(folder)
     return teacher.eval().requires_grad_(False), tokenizer
 

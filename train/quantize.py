@@ -1,6 +1,9 @@
-"""Quantized classifiers of the compressed family: int8 weights (Q-scBERT) and ternary weights (scBERT1.58).
+"""Quantized classifiers of the compressed family: int8 weights (Q-scBERT), bfloat16, and ternary weights
+(scBERT1.58).
 
     scbert quantize --model runs/annotate/model --method int8 --output_dir runs/q-scbert
+    scbert quantize --model runs/annotate/model --method bfloat16 --data cells.h5ad \\
+        --split runs/annotate/split.json --label_key cell_type --output_dir runs/scbert-bf16
     scbert quantize --model runs/annotate/model --method ternary --data cells.h5ad \\
         --split runs/annotate/split.json --label_key cell_type --steps 300 --output_dir runs/scbert1.58
 
@@ -10,6 +13,13 @@ PyTorch's own dynamic int8 `Linear` is marginally faster but its quantized tenso
 int8 and ONNX Runtime are slower. The folder loads back with `from_pretrained` (the quantization config is in
 config.json) from safetensors.
 
+bfloat16: the whole model, gene table included, cast to bfloat16 and saved so (`config.json` says so, and
+`from_pretrained` loads it as bfloat16): half the bytes, and faster where the hardware multiplies bfloat16 natively (a
+GPU; a CPU with AVX512-BF16 or AMX, as measured in benchmarks/results/compression). Without those instructions
+PyTorch converts in software and it may be slower than float32. Its cell embeddings move a little, so
+with --data and --split its novelty detector is fitted again on its own embeddings of the same cells; without, the
+float folder's detector is copied, and quantization.json says so.
+
 ternary: BitNet b1.58 through transformers' BitNet integration. Quantization-aware fine-tuning first: every encoder
 `Linear` becomes an `AutoBitLinear` in online mode (absmean ternary weights, per-token 8-bit absmax activations,
 straight-through gradients), trained for --steps steps on real cells against the float model with `scbert distill`'s
@@ -18,10 +28,10 @@ byte plus one scale per tensor, with `BitNetQuantConfig(linear_class="bitlinear"
 config.json, so `from_pretrained` builds transformers' `BitLinear` layers, which unpack the weights and compute
 exactly the training-time forward.
 
-Both keep in full precision the gene table and value embedding, the MoE router and the layer that outputs the logits
-(and, for ternary, any layer whose output size is not a multiple of 4, which BitNet's packing needs). OUTPUT_DIR/model is the
-folder; OUTPUT_DIR/model/quantization.json says what was converted, its bytes and how often it agrees with the float
-model on real cells.
+int8 and ternary keep in full precision the gene table and value embedding, the MoE router and the layer that outputs
+the logits (and, for ternary, any layer whose output size is not a multiple of 4, which BitNet's packing needs).
+OUTPUT_DIR/model is the folder; OUTPUT_DIR/model/quantization.json says what was converted, its bytes and how often it
+agrees with the float model on real cells.
 """
 
 from __future__ import annotations
@@ -52,7 +62,7 @@ from train.loop import add_training_arguments, make_accelerator
 from train.metrics import predict
 from train.novelty import STATISTICS_FILE, save_statistics
 
-METHODS = ("int8", "ternary")
+METHODS = ("int8", "bfloat16", "ternary")
 INT8_BACKENDS = ("torchao", "bitsandbytes")
 
 
@@ -213,6 +223,24 @@ def run_int8(args, teacher, tokenizer, accelerator, folder: Path) -> dict:
     return report
 
 
+def run_bfloat16(args, teacher, tokenizer, accelerator, folder: Path) -> dict:
+    cells = load_cells(args, tokenizer, teacher.config, accelerator) if args.data else None
+    model = copy.deepcopy(teacher).to(device=accelerator.device, dtype=torch.bfloat16).eval()
+    novelty = None if cells is None else refit_novelty(accelerator, model, cells, tokenizer, args.data, args)
+    model.save_pretrained(folder)
+    if novelty is not None:
+        save_statistics(novelty["statistics"], folder)
+    elif (Path(args.model) / STATISTICS_FILE).is_file():
+        shutil.copy2(Path(args.model) / STATISTICS_FILE, folder / STATISTICS_FILE)
+    report = {"method": "bfloat16", "backend": "torch bfloat16, every module",
+              "novelty_detector": "refitted on its own embeddings" if novelty else "copied from the float folder"}
+    if cells is not None:
+        teacher.to(accelerator.device)
+        report["agreement"] = agreement(accelerator, teacher, model, cells.get("test", cells["train"]), tokenizer,
+                                        args.per_device_batch_size)
+    return report
+
+
 def run_ternary(args, teacher, tokenizer, accelerator, folder: Path) -> dict:
     if not args.data:
         raise ValueError("--method ternary fine-tunes on real cells: give --data (and, to stop early and score, "
@@ -249,7 +277,8 @@ def main(argv=None) -> dict:
     accelerator = make_accelerator(args, "quantize")
     set_seed(args.seed)
     teacher, tokenizer = load_classifier_teacher(args.model, args)
-    report = (run_int8 if args.method == "int8" else run_ternary)(args, teacher, tokenizer, accelerator, partial)
+    run = {"int8": run_int8, "bfloat16": run_bfloat16, "ternary": run_ternary}[args.method]
+    report = run(args, teacher, tokenizer, accelerator, partial)
     tokenizer.save_pretrained(partial)
     report |= {"source": args.model, **weight_bytes(partial), "float_bytes": weight_bytes(Path(args.model))}
     (partial / "quantization.json").write_text(json.dumps(report, indent=2))
