@@ -289,10 +289,11 @@ def main(argv=None) -> dict:
 
 
 def print_report(report: dict, folder: Path) -> None:
+    kept = ("cast to bfloat16 too" if report["method"] == "bfloat16" else "kept in full precision") + (
+        ": scBERT 2.0's gene table and value embedding, v1's bin embeddings and gene positions")
     print(f"{report['method']}: {report['weights_bytes']:,} weight bytes ({report['weights_bytes'] / report['float_bytes']['weights_bytes']:.3f}x "
           f"the float folder's {report['float_bytes']['weights_bytes']:,}; {report['embedding_bytes'] / report['weights_bytes']:.0%} "
-          "of them the embeddings, kept in full precision: scBERT 2.0's gene table and value embedding, v1's bin "
-          "embeddings and gene positions)")
+          f"of them the embeddings, {kept})")
     if "agreement" in report:
         agreement_ = report["agreement"]
         line = f"same type as the float model on {agreement_['same_type_as_float']:.1%} of {agreement_['cells']:,} cells"
