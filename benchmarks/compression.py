@@ -7,9 +7,9 @@ bfloat16 distilled, ternary.
 The teacher is a scBERT 2.0 classifier fine-tuned on Baron from the shipped `checkpoints/scbert2-small` (`scbert
 finetune`, its default recipe), unless --teacher names one with its split. Each variant is built by the project's
 own commands (`scbert quantize --method int8|bfloat16|ternary`, `scbert distill`) on the teacher's training cells
-and scored on its test cells, which none of them saw. Then every variant, in one process, runs the same test cells in the same
-length-sorted batches, the variants taking turns in every round (the order rotating), so a slow spell of the shared
-machine hits them alike; quoted: the median seconds per pass and the median of the per-round ratios to the float
+and scored on its test cells, which none of them saw. Then every variant, in one process, runs the same test cells in
+the same length-sorted batches, the variants taking turns in every round (the order rotating), so a slow spell of the
+shared machine hits them alike; quoted: the median seconds per pass and the median of the per-round ratios to the float
 teacher. Peak memory: each variant in a fresh process that prepares the batches, then loads the folder and runs them
 once; quoted is the peak resident memory over the loading and the run (and, in brackets, how far it rose above the
 process with the batches alone).
