@@ -11,7 +11,8 @@ ONNX Runtime on the `torch.onnx` export, float32 and with its dynamic int8 weigh
 The same cells (Baron mouse pancreas, drawn at random) in the same length-sorted batches go through each variant;
 the variants take turns in every round, the order rotating, so a slow spell of the shared machine hits them alike.
 Reported: the median seconds per pass, the median of the per-round ratios to float32, and how often each variant's
-predicted type equals float32's. Writes benchmarks/results/compression/int8_options.json and .md.
+predicted type equals float32's. Writes benchmarks/results/compression/NAME.json and .md (`--name`, default
+int8_options).
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--results_dir", default=str(ROOT / "benchmarks" / "results" / "compression"))
+    parser.add_argument("--name", default="int8_options", help="results file names: NAME.json, .md")
     return parser.parse_args(argv)
 
 
@@ -138,8 +140,8 @@ def main(argv=None) -> dict:
             "agreement_with_float32": float(np.mean(predictions[name] == predictions[reference]))}
     results_dir = Path(args.results_dir)
     results_dir.mkdir(parents=True, exist_ok=True)
-    (results_dir / "int8_options.json").write_text(json.dumps(results, indent=2))
-    (results_dir / "int8_options.md").write_text(render(results))
+    (results_dir / f"{args.name}.json").write_text(json.dumps(results, indent=2))
+    (results_dir / f"{args.name}.md").write_text(render(results))
     print(render(results))
     return results
 
