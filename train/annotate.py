@@ -47,10 +47,11 @@ def run_model(model, tokenizer, X: sp.csr_matrix, batch_size: int, progress=None
     order = np.argsort([len(cell["gene_ids"]) for cell in cells], kind="stable")
     model.eval()
     logits, embeddings = [None] * len(cells), [None] * len(cells)
+    multiple = padding_multiple(model, tokenizer)
     for start in range(0, len(cells), batch_size):
         rows = order[start:start + batch_size]
         batch = tokenizer.collate([cells[i] for i in rows], return_tensors="pt",
-                                  pad_to_multiple_of=padding_multiple(model, tokenizer)).to(model.device)
+                                  pad_to_multiple_of=multiple).to(model.device)
         outputs = model(**batch)
         pooled = getattr(outputs, "pooled_output", None)  # scBERT v1's head returns none
         for i, row in enumerate(rows):

@@ -206,6 +206,12 @@ def move_into_place(partial: Path, folder: Path) -> None:
     os.replace(partial, folder)
 
 
+def copy_novelty_statistics(source: Path, folder: Path) -> None:
+    """The float folder's novelty detector statistics, where it has any, copied beside the new weights."""
+    if (source / STATISTICS_FILE).is_file():
+        shutil.copy2(source / STATISTICS_FILE, folder / STATISTICS_FILE)
+
+
 def run_int8(args, teacher, tokenizer, accelerator, folder: Path) -> dict:
     cells = load_cells(args, tokenizer, teacher.config, accelerator) if args.data else None
     quantized = quantize_int8(teacher, args.int8_backend)
@@ -218,8 +224,7 @@ def run_int8(args, teacher, tokenizer, accelerator, folder: Path) -> dict:
     if cells is not None:
         report["agreement"] = agreement(accelerator, teacher, quantized, cells.get("test", cells["train"]), tokenizer,
                                         args.per_device_batch_size)
-    if (Path(args.model) / STATISTICS_FILE).is_file():  # int8 leaves the embeddings the detector reads as they were
-        shutil.copy2(Path(args.model) / STATISTICS_FILE, folder / STATISTICS_FILE)
+    copy_novelty_statistics(Path(args.model), folder)  # int8 leaves the embeddings the detector reads as they were
     return report
 
 
@@ -230,8 +235,8 @@ def run_bfloat16(args, teacher, tokenizer, accelerator, folder: Path) -> dict:
     model.save_pretrained(folder)
     if novelty is not None:
         save_statistics(novelty["statistics"], folder)
-    elif (Path(args.model) / STATISTICS_FILE).is_file():
-        shutil.copy2(Path(args.model) / STATISTICS_FILE, folder / STATISTICS_FILE)
+    else:
+        copy_novelty_statistics(Path(args.model), folder)
     report = {"method": "bfloat16", "backend": "torch bfloat16, every module",
               "novelty_detector": "refitted on its own embeddings" if novelty else "copied from the float folder"}
     if cells is not None:
