@@ -38,6 +38,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--name", default=None)
     parser.add_argument("--pretrained", default=str(CHECKPOINT))
     parser.add_argument("--architecture", default=None, help="from scratch: default the checkpoint's preset")
+    parser.add_argument("--scratch", choices=["architecture", "checkpoint"], default="architecture",
+                        help="the from-scratch model: --architecture with a tokenizer of the data's own genes, or the "
+                             "checkpoint's architecture and genes freshly initialised (finetune --from_scratch; the "
+                             "fair one for a scBERT v1 panel)")
     parser.add_argument("--k", type=int, nargs="+", default=[3, 5, 10, 25])
     parser.add_argument("--draws", type=int, default=3)
     parser.add_argument("--steps", type=int, default=300, help="optimizer steps per run, about")
@@ -78,7 +82,9 @@ def summarise(runs: list[dict]) -> dict:
 def write_report(summary: dict, path: Path) -> None:
     lines = [f"# Label efficiency: {Path(summary['data']).name}", "",
              f"k labelled cells per type (at most half of a type), every other cell tested; {summary['draws']} draws "
-             f"each; checkpoint `{summary['pretrained']}`; {summary['wall_seconds'] / 60:.1f} min on "
+             f"each; checkpoint `{summary['pretrained']}`; from scratch: "
+             f"{'its architecture and genes' if summary.get('scratch') == 'checkpoint' else summary['architecture_from_scratch']}"
+             f"; {summary['wall_seconds'] / 60:.1f} min on "
              f"{summary['machine']['platform']}.", "",
              "| k | pretrained macro-F1 | from scratch | logistic regression | pretrained accuracy | scratch | LR |",
              "|---|---|---|---|---|---|---|"]
@@ -123,13 +129,14 @@ def main(argv=None) -> dict:
         for draw in range(args.draws):
             out = Path(args.output_dir) / name / f"k{k}" / f"draw{draw}"
             pretrained = run(args, k, draw, ["--model", args.pretrained], out / "pretrained", epochs, extra)
-            scratch = run(args, k, draw, ["--architecture", architecture, "--no_baseline"], out / "scratch", epochs,
-                          extra)
+            scratch_source = (["--model", args.pretrained, "--from_scratch"] if args.scratch == "checkpoint"
+                              else ["--architecture", architecture])
+            scratch = run(args, k, draw, [*scratch_source, "--no_baseline"], out / "scratch", epochs, extra)
             runs.append({"k": k, "draw": draw, "epochs": epochs, "train_cells": pretrained["split"]["train"],
                          "test_cells": pretrained["split"]["test"], "pretrained": pretrained["model"],
                          "scratch": scratch["model"], "baseline": pretrained["baseline_logistic_regression_l1"]})
     summary = {"data": args.data, "label_key": args.label_key, "pretrained": args.pretrained,
-               "architecture_from_scratch": architecture, "draws": args.draws, "steps": args.steps,
+               "architecture_from_scratch": architecture, "scratch": args.scratch, "draws": args.draws, "steps": args.steps,
                "finetune_args": extra, "class_counts": counts, "wall_seconds": time.perf_counter() - start,
                "machine": {"platform": platform.platform(), "python": platform.python_version()}, "runs": runs}
     summary["table"] = summarise(runs)

@@ -114,6 +114,55 @@ def test_corpus_pretraining_scores_held_out_cells_and_releases_a_folder(corpus_d
     assert out.stdout.split()[-2:] == ["torch.float32", str(summary["corpus"]["vocabulary_size"] + 3)]
 
 
+def test_scbert_v1_corpus_masks_genes_a_file_did_not_measure(corpus_dir, tmp_path):
+    corpus = build_corpus([str(corpus_dir)], small_settings(min_panel_genes=20), cache_dir=tmp_path,
+                          log=lambda *_: None, panel_genes=150)
+    tokenizer = corpus.tokenizer
+    assert tokenizer.mode == "scbert" and 150 <= tokenizer.num_genes <= 300
+    assert corpus.report["panel"] == {"requested_genes": 150, "genes": tokenizer.num_genes,
+                                      "from_vocabulary_of": corpus.report["panel"]["from_vocabulary_of"]}
+    papalexi = [i for i, f in enumerate(corpus.report["files"]) if "papalexi" in f["file"]][0]
+    measured = corpus.panels[papalexi] - tokenizer.num_special_tokens
+    assert 0 < len(measured) < tokenizer.num_genes
+    rows = [i for i, p in enumerate(corpus.dataset["panel"]) if p == papalexi][:8]
+    cells = [{**corpus.dataset[i], "index": i} for i in rows]
+    mask = tokenizer.num_bins + 1
+    batch = MaskedExpressionCollator(tokenizer, seed=0, panels=corpus.panels)(cells)
+    unmeasured = np.setdiff1d(np.arange(tokenizer.num_genes), measured)
+    assert (batch["input_ids"][:, unmeasured] == mask).all()
+    assert (batch["input_ids"][:, -1] == 0).all()  # scBERT's trailing extra token is kept
+    assert (batch["labels"][:, unmeasured] == -100).all() and (batch["labels"] != -100).any()
+    # Without the panels the same genes read as observed zeros (bin 0).
+    unaware = MaskedExpressionCollator(tokenizer, seed=0)(cells)
+    assert (unaware["input_ids"][:, unmeasured] == 0).all()
+
+
+def test_scbert_v1_corpus_pretraining_releases_a_folder(corpus_dir, tmp_path):
+    output = tmp_path / "run"
+    base = ["--corpus", str(corpus_dir), "--min_genes", "200", "--min_cells_per_vocab_gene", "5", "--held_out", "0.1",
+            "--min_panel_genes", "20",
+            "--max_steps", "2", "--logging_steps", "1", "--per_device_batch_size", "8", "--output_dir", str(output),
+            "--cache_dir", str(tmp_path / "cache"), "--no_progress_bar", "--num_workers", "0"]
+    with pytest.raises(ValueError, match="--panel_genes sizes a scBERT v1 panel"):
+        pretrain.main(base + ["--architecture", "scbert2-tiny", "--panel_genes", "100"])
+    pretrain.main(base + ["--architecture", "scbert-small", "--panel_genes", "100"])
+    summary = json.loads((output / "pretrain_summary.json").read_text())
+    assert 0 <= summary["held_out"]["masked_accuracy"] <= 1 and "masked_value_mse" not in summary["held_out"]
+    folder = release.main(["--run", str(output), "--output", str(tmp_path / "release")])
+    saved = json.loads((folder / "release.json").read_text())
+    for key, value in summary["held_out"].items():
+        assert saved["held_out_scores"]["float32"][key] == pytest.approx(value, abs=1e-6)
+    card = (folder / "README.md").read_text()
+    assert "scBERT v1 (Performer, 2 layers" in card and "highly variable human genes" in card and "nan" not in card
+    code = ("from transformers import AutoModelForMaskedLM, AutoTokenizer; import sys; f = sys.argv[1]; "
+            "m = AutoModelForMaskedLM.from_pretrained(f, trust_remote_code=True); "
+            "t = AutoTokenizer.from_pretrained(f, trust_remote_code=True); print(t.mode, m.config.max_seq_len)")
+    out = subprocess.run([sys.executable, "-I", "-c", code, str(folder)], cwd=tmp_path, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    genes = summary["corpus"]["panel"]["genes"]
+    assert out.stdout.split()[-2:] == ["scbert", str(genes + 1)]
+
+
 # ------------------------------------------------------------------------------------------------- bad input
 def test_a_file_sharing_too_few_genes_is_refused(corpus_dir, tmp_path):
     with pytest.raises(ValueError, match="papalexi.h5ad shares only .* genes with the corpus vocabulary"):
@@ -153,10 +202,10 @@ def test_a_corpus_of_one_file_warns_and_missing_paths_fail(corpus_dir, tmp_path)
         corpus_files([str(corpus_dir), str(corpus_dir / "pbmc.h5ad")])
 
 
-def test_corpus_refuses_scbert_v1_and_a_continued_model(corpus_dir, tmp_path):
+def test_corpus_refuses_a_panel_of_one_gene_and_a_continued_model(corpus_dir, tmp_path):
     base = ["--corpus", str(corpus_dir), "--output_dir", str(tmp_path / "o"), "--cache_dir", str(tmp_path)]
-    with pytest.raises(ValueError, match="--corpus pretrains scBERT 2.0"):
-        pretrain.main(base + ["--architecture", "scbert-small"])
+    with pytest.raises(ValueError, match="--panel_genes must be at least 2"):
+        pretrain.main(base + ["--architecture", "scbert-small", "--panel_genes", "1"])
     with pytest.raises(SystemExit):  # --corpus and --data are exclusive
         pretrain.main(base + ["--data", str(corpus_dir / "pbmc.h5ad")])
 
@@ -176,7 +225,7 @@ def test_shipped_checkpoints_load_with_and_without_the_package(folder, tmp_path,
     assert not [p.name for p in folder.iterdir() if p.suffix in {".bin", ".pt", ".pth", ".pkl"}]
     assert (folder / "model.safetensors").stat().st_size <= 25 * 2**20
     release = json.loads((folder / "release.json").read_text())
-    assert release["pretraining"]["corpus"]["cells"] > 10_000 and (folder / "README.md").exists()
+    assert release["pretraining"]["corpus"]["cells"] > 5_000 and (folder / "README.md").exists()
     cells = baron_small[:8].copy()
     cells.write_h5ad(tmp_path / "cells.h5ad")
     model, tokenizer = AutoModel.from_pretrained(folder), AutoTokenizer.from_pretrained(folder)

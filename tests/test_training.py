@@ -679,6 +679,34 @@ def test_finetune_scbert_v1_from_scratch_keeps_the_full_panel(finetune_data, tmp
     assert "class_means" not in load_file(str(output / "model" / "novelty.safetensors"))
 
 
+def test_finetune_from_scratch_takes_a_folders_shape_and_genes_but_not_its_weights(pretrain_data, finetune_data,
+                                                                                    tmp_path, monkeypatch):
+    folder = pretrain.main(pretrain_args(pretrain_data, tmp_path / "pt", "scbert-small", "--max_steps", "1"))
+    pretrained = weights(folder)
+
+    class Started(Exception):
+        pass
+
+    starts = {}
+
+    def record_start(accelerator, model, *args, **kwargs):
+        starts[len(starts)] = {n: t.detach().clone() for n, t in model.state_dict().items()}
+        raise Started
+
+    monkeypatch.setattr(finetune, "train_loop", record_start)
+    for extra in ([], ["--from_scratch"]):
+        with pytest.raises(Started):
+            finetune.main(finetune_args(finetune_data, tmp_path / "ft", "--model", str(folder), "--no_baseline",
+                                        "--gene_table", "pretrained", *extra))
+    encoder = [n for n in pretrained if n.startswith("scbert.") and n in starts[0]]
+    assert len(encoder) > 10
+    assert all(torch.equal(starts[0][n], pretrained[n]) for n in encoder)
+    assert not all(torch.equal(starts[1][n], pretrained[n]) for n in encoder)
+    assert all(starts[1][n].shape == pretrained[n].shape for n in encoder)
+    with pytest.raises(ValueError, match="--from_scratch takes the architecture and genes of a --model folder"):
+        finetune.main(finetune_args(finetune_data, tmp_path / "ft", "--architecture", "scbert-small", "--from_scratch"))
+
+
 def _split_args(**overrides) -> argparse.Namespace:
     return argparse.Namespace(**{"test_size": 0.2, "validation_size": 0.1, "kfold": None, "fold": 0,
                                  "labelled_per_class": None, "seed": 0, **overrides})

@@ -11,7 +11,10 @@ quality-controlled with scanpy and tokenized under one vocabulary of human gene 
   table); a gene expressed in fewer than ``min_cells_per_vocab_gene`` cells of the whole corpus is left out.
 - Panels: each cell keeps the index of its file, and `Corpus.panels` lists the token ids each file measured. A gene
   a file did not measure is not an observed zero, so the pretraining collator draws a cell's "not expressed" genes
-  from its own file's panel only.
+  from its own file's panel only (scBERT 2.0), or hides it behind the mask token (scBERT v1).
+- scBERT v1 (``panel_genes``): v1 reads one fixed gene panel in fixed positions, and its cost grows with the panel, so
+  the vocabulary is narrowed to the corpus's highly variable genes (`train.genes.highly_variable_genes`, over the
+  pooled cells) and the tokenizer is a ``mode="scbert"`` one over them.
 """
 
 from __future__ import annotations
@@ -29,10 +32,12 @@ import numpy as np
 from tokenization import GeneExpressionTokenizer
 from tokenization.tokenization_scbert import GENE_TABLE_DIR, ORTHOLOG_TABLE, _read_gene_table
 from train.data import default_cache_dir, read_h5ad
+from train.genes import highly_variable_genes
 
 # The saved tokenizer's min_overlap: the vocabulary is the union of several panels (a Smart-seq2 file alone brings
 # thousands of genes a 10x data set never detects), so a full 10x transcriptome covers about half of it and a
-# targeted panel a few per cent. 2% still refuses inputs whose gene names do not match at all (wrong identifiers).
+# targeted panel a few per cent (a v1 panel of the corpus's variable genes is alike: 10x PBMC 3k measures 46% of it).
+# 2% still refuses inputs whose gene names do not match at all (wrong identifiers).
 PRETRAINED_MIN_OVERLAP = 0.02
 
 
@@ -136,8 +141,10 @@ def human_symbols(names: list[str], species: str, orthologs: list[tuple[str, str
     return [to_human.get(n.upper()) for n in names]
 
 
-def corpus_fingerprint(files: list[Path], settings: QCSettings, max_length: int | None) -> str:
-    digest = hashlib.sha256(json.dumps({"qc": asdict(settings), "max_length": max_length}).encode())
+def corpus_fingerprint(files: list[Path], settings: QCSettings, max_length: int | None,
+                       panel_genes: int | None = None) -> str:
+    key = {"qc": asdict(settings), "max_length": max_length, **({"panel_genes": panel_genes} if panel_genes else {})}
+    digest = hashlib.sha256(json.dumps(key).encode())
     for path in files:
         stat = path.stat()
         digest.update(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode())
@@ -145,12 +152,14 @@ def corpus_fingerprint(files: list[Path], settings: QCSettings, max_length: int 
 
 
 def build_corpus(sources: list[str], settings: QCSettings, max_length: int | None = 512,
-                 cache_dir: str | os.PathLike | None = None, log=print) -> Corpus:
-    """QC, vocabulary and tokenization of the corpus files, cached under a fingerprint of the files and settings."""
+                 cache_dir: str | os.PathLike | None = None, log=print, panel_genes: int | None = None) -> Corpus:
+    """QC, vocabulary and tokenization of the corpus files, cached under a fingerprint of the files and settings.
+    ``panel_genes``: a scBERT v1 corpus over (about) that many highly variable genes of the vocabulary."""
     import datasets
 
     files = corpus_files(sources)
-    target = Path(cache_dir or default_cache_dir()) / f"corpus-{corpus_fingerprint(files, settings, max_length)}"
+    fingerprint = corpus_fingerprint(files, settings, max_length, panel_genes)
+    target = Path(cache_dir or default_cache_dir()) / f"corpus-{fingerprint}"
     if (target / "corpus.json").exists():
         saved = json.loads((target / "corpus.json").read_text())
         tokenizer = GeneExpressionTokenizer.from_pretrained(target / "tokenizer")
@@ -183,6 +192,8 @@ def build_corpus(sources: list[str], settings: QCSettings, max_length: int | Non
     log(f"Vocabulary: {len(vocabulary):,} human gene symbols expressed in >= {settings.min_cells_per_vocab_gene} "
         f"corpus cells (of {len(cells_per_gene):,} seen).")
     tokenizer = GeneExpressionTokenizer(vocabulary, mode="scbert2", max_length=max_length, min_overlap=0.0)
+    if panel_genes:
+        tokenizer = scbert_v1_panel(tokenizer, filtered, panel_genes, log)
 
     parts, panels = [], []
     for index, (cells, report) in enumerate(zip(filtered, reports)):
@@ -196,7 +207,10 @@ def build_corpus(sources: list[str], settings: QCSettings, max_length: int | Non
         parts.append(part.add_column("panel", [index] * len(part)))
     dataset = datasets.concatenate_datasets(parts)
     tokenizer.min_overlap = PRETRAINED_MIN_OVERLAP
-    report = {"files": reports, "cells": len(dataset), "vocabulary_size": len(vocabulary), "qc": asdict(settings)}
+    report = {"files": reports, "cells": len(dataset), "vocabulary_size": tokenizer.num_genes, "qc": asdict(settings)}
+    if panel_genes:
+        report["panel"] = {"requested_genes": panel_genes, "genes": tokenizer.num_genes,
+                           "from_vocabulary_of": len(vocabulary)}
 
     partial = target.with_name(target.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
@@ -206,3 +220,16 @@ def build_corpus(sources: list[str], settings: QCSettings, max_length: int | Non
     shutil.rmtree(target, ignore_errors=True)
     os.replace(partial, target)
     return Corpus(datasets.load_from_disk(str(target / "dataset")), tokenizer, panels, report)
+
+
+def scbert_v1_panel(vocabulary: GeneExpressionTokenizer, filtered: list, panel_genes: int, log=print):
+    """A scBERT v1 tokenizer over the highly variable genes of the QC'd files, pooled in the vocabulary's genes."""
+    import scipy.sparse as sp
+
+    if panel_genes < 2:
+        raise ValueError(f"--panel_genes must be at least 2 (a scBERT v1 panel of genes), got {panel_genes}.")
+    matrix = sp.vstack([vocabulary.encode_matrix(cells) for cells in filtered]).tocsr()
+    genes = highly_variable_genes(matrix, vocabulary, panel_genes)
+    log(f"scBERT v1 panel: {len(genes):,} highly variable genes (Seurat and Cell Ranger flavours, {panel_genes:,} "
+        f"each) of the {vocabulary.num_genes:,}-gene vocabulary.")
+    return GeneExpressionTokenizer(genes, mode="scbert", max_length=None, min_overlap=0.0)

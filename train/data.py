@@ -280,7 +280,8 @@ class MaskedExpressionCollator(_SeededCollator):
     scBERT v1: as in scBERT's pretrain.py, 15% of the non-zero bins are chosen, 90% of those replaced by the mask token.
 
     With ``panels`` (token ids measured by each corpus file, see `train.corpus`), a cell carrying ``"panel"`` draws
-    its unexpressed genes from its own file's panel: a gene its file did not measure is not an observed zero.
+    its unexpressed genes from its own file's panel: a gene its file did not measure is not an observed zero. scBERT
+    v1 sees every panel position, so there such a gene's position carries the mask token instead of bin 0.
 
     When the cells carry their dataset row number (``"index"``, added by `make_loader`), a batch's generators are
     seeded by (``seed``, epoch, row numbers); without them, fresh entropy and torch's global generator are used.
@@ -300,9 +301,19 @@ class MaskedExpressionCollator(_SeededCollator):
         self.replace_probability = replace_probability
         self.zero_fraction = zero_fraction
         self.panels = panels
+        self._v1_measured = None if panels is None or tokenizer.mode != "scbert" else self._measured_positions(panels)
+
+    def _measured_positions(self, panels: list[np.ndarray]) -> torch.Tensor:
+        """[files, sequence_length] bool: the v1 positions each file measured (its trailing extra token included)."""
+        measured = torch.zeros(len(panels), self.tokenizer.sequence_length, dtype=torch.bool)
+        for row, token_ids in enumerate(panels):
+            measured[row, torch.as_tensor(token_ids, dtype=torch.long) - self.tokenizer.num_special_tokens] = True
+        measured[:, -1] = True
+        return measured
 
     def __call__(self, cells: list[dict[str, Any]]) -> dict[str, Any]:
         batch_seed = seed_for_batch(self.seed, self.epoch, cells)
+        files = [int(c["panel"]) for c in cells] if self._v1_measured is not None and "panel" in cells[0] else None
         generator = None if batch_seed is None else torch.Generator().manual_seed(batch_seed)
         if self.zero_fraction:
             # Without row numbers the zeros follow torch's global generator too, as the masks do.
@@ -325,6 +336,8 @@ class MaskedExpressionCollator(_SeededCollator):
             batch["labels"] = torch.where(chosen, batch["input_ids"], -100)
             replace = chosen & (torch.rand(chosen.shape, generator=generator) < self.replace_probability)
             batch["input_ids"] = batch["input_ids"].masked_fill(replace, self.tokenizer.num_bins + 1)
+            if files is not None:
+                batch["input_ids"] = batch["input_ids"].masked_fill(~self._v1_measured[files], self.tokenizer.num_bins + 1)
         return self._finish(batch)
 
     def _add_unexpressed_genes(self, cell: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from accelerate.utils import set_seed
-from transformers import AutoModelForSequenceClassification
+from transformers import AutoConfig, AutoModelForSequenceClassification
 
 from tokenization import GeneExpressionTokenizer
 from train.cli import run_command
@@ -55,6 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--model", help="a pretrained folder (its tokenizer is used)")
     source.add_argument("--architecture", default="scbert2-small", help="from scratch: a preset or scbert-small")
+    parser.add_argument("--from_scratch", action="store_true",
+                        help="with --model: that folder's architecture and tokenizer (its genes), freshly initialised "
+                             "weights: what the pretraining is worth, on the same inputs")
     parser.add_argument("--gene_key", default=None)
     parser.add_argument("--max_length", type=int,
                         help="from scratch, scBERT 2.0: tokens per cell at most (the most expressed of the selected "
@@ -240,11 +243,13 @@ def build_classifier(args: argparse.Namespace, tokenizer: GeneExpressionTokenize
     if args.model:
         # A new head: an adjustment recorded by an earlier fine-tuning belongs to that head's classes.
         labels.update(class_prior=None, logit_adjustment_tau=0.0)
+    if args.model and not args.from_scratch:
         model = AutoModelForSequenceClassification.from_pretrained(args.model, **labels, **pooling, **attention)
         if args.gene_table == "data":
             initialise_gene_embeddings(model, train_cells, tokenizer, args)
     else:
-        config = architecture_config(args.architecture, tokenizer, **labels, **pooling)
+        config = (AutoConfig.from_pretrained(args.model, **labels, **pooling) if args.model
+                  else architecture_config(args.architecture, tokenizer, **labels, **pooling))
         model = AutoModelForSequenceClassification.from_config(config, **attention)
         initialise_gene_embeddings(model, train_cells, tokenizer, args)
     if args.freeze_gene_embeddings:
@@ -256,6 +261,9 @@ def build_classifier(args: argparse.Namespace, tokenizer: GeneExpressionTokenize
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    if args.from_scratch and not args.model:
+        raise ValueError("--from_scratch takes the architecture and genes of a --model folder; without a folder, "
+                         "--architecture already trains from scratch.")
     if min(args.logit_adjustment_grid) < 0:
         raise ValueError(f"--logit_adjustment_grid takes values >= 0 (0: no adjustment), got {args.logit_adjustment_grid}.")
     accelerator = make_accelerator(args, "finetune")

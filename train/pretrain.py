@@ -2,12 +2,14 @@
 
     scbert pretrain --data cells.h5ad --architecture scbert2-moe --output_dir runs/pretrain
     scbert pretrain --corpus ../shared/data/pretrain papalexi.h5ad --architecture scbert2-small --output_dir runs/pt
+    scbert pretrain --corpus ../shared/data/pretrain --architecture scbert-small --panel_genes 1500 --output_dir runs/v1
     accelerate launch -m train.pretrain --data cells.h5ad --model runs/pretrain/model --output_dir runs/more  # continue
 
 --data tokenizes the files under the first file's genes. --corpus builds a pretraining corpus instead (train/corpus.py):
 QC of every file with scanpy, one vocabulary of human symbols (mouse genes through orthologs), unexpressed genes
 drawn from each file's own panel, and a held-out share of the cells scored during training (masked-bin accuracy and
-cross-entropy, masked-value MSE). The final model and tokenizer are written to OUTPUT_DIR/model, loadable with
+cross-entropy, masked-value MSE); for scBERT v1 the vocabulary is narrowed to a panel of the corpus's highly variable
+genes (--panel_genes). The final model and tokenizer are written to OUTPUT_DIR/model, loadable with
 AutoModelForMaskedLM.
 """
 
@@ -36,6 +38,9 @@ from train.models import (
     tokenizer_overrides,
 )
 
+# scBERT v1 attends over every panel gene of every cell: about 2,000 genes keep a small v1 trainable on a CPU.
+DEFAULT_V1_PANEL_GENES = 1500
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="scbert pretrain", description=__doc__,
@@ -52,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="scBERT 2.0: each cell gains this share (of its expressed count) of unexpressed genes, "
                              "drawn per batch (0 for scBERT v1, which sees every gene)")
     parser.add_argument("--mask_probability", type=float, default=0.15)
+    parser.add_argument("--panel_genes", type=int, default=None,
+                        help=f"scBERT v1 with --corpus: its fixed panel, the highly variable genes of the corpus "
+                             f"(this many by each of two flavours; default {DEFAULT_V1_PANEL_GENES})")
     parser.add_argument("--gene_key", default=None, help="var column with gene names (default: var_names)")
     qc = parser.add_argument_group("corpus (--corpus)")
     defaults = QCSettings()
@@ -92,11 +100,9 @@ def load_cells(args: argparse.Namespace, accelerator, tokenizer: GeneExpressionT
     if args.corpus:
         if args.model:
             raise ValueError("--corpus builds a new vocabulary; to continue a pretrained --model, pass --data.")
-        if architecture_mode(args.architecture) != "scbert2":
-            raise ValueError(f"--corpus pretrains scBERT 2.0 (scbert2-*); {args.architecture!r} is scBERT v1, which "
-                             "reads one fixed gene panel: pretrain it with --data on files of that panel.")
         with accelerator.main_process_first():
-            corpus = build_corpus(args.corpus, qc_settings(args), args.max_length, args.cache_dir, accelerator.print)
+            corpus = build_corpus(args.corpus, qc_settings(args), args.max_length, args.cache_dir, accelerator.print,
+                                  panel_genes=corpus_panel_genes(args))
         return corpus.tokenizer, corpus.dataset, corpus.panels, corpus.report
     if tokenizer is None:
         tokenizer = GeneExpressionTokenizer.from_adata(read_h5ad(args.data[0]), gene_key=args.gene_key,
@@ -105,6 +111,16 @@ def load_cells(args: argparse.Namespace, accelerator, tokenizer: GeneExpressionT
     with accelerator.main_process_first():
         dataset = load_tokenized_dataset(args.data, tokenizer, cache_dir=args.cache_dir)
     return tokenizer, dataset, None, None
+
+
+def corpus_panel_genes(args: argparse.Namespace) -> int | None:
+    """--panel_genes for a scBERT v1 corpus (default DEFAULT_V1_PANEL_GENES); refused for scBERT 2.0."""
+    if architecture_mode(args.architecture) == "scbert2":
+        if args.panel_genes is not None:
+            raise ValueError("--panel_genes sizes a scBERT v1 panel; scBERT 2.0 reads the whole vocabulary (use "
+                             "--max_length for its tokens per cell).")
+        return None
+    return DEFAULT_V1_PANEL_GENES if args.panel_genes is None else args.panel_genes
 
 
 def split_held_out(dataset, share: float, seed: int):

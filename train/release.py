@@ -45,10 +45,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 def held_out_scores(model, tokenizer: GeneExpressionTokenizer, run_config: dict, summary: dict) -> dict[str, float]:
     """The run's held-out metrics recomputed (the same cells and masks as during pretraining)."""
     corpus = build_corpus([f["file"] for f in summary["corpus"]["files"]], QCSettings(**summary["corpus"]["qc"]),
-                          run_config["max_length"], run_config["cache_dir"], log=lambda *_: None)
+                          run_config["max_length"], run_config["cache_dir"], log=lambda *_: None,
+                          panel_genes=summary["corpus"].get("panel", {}).get("requested_genes"))
     _, held_out = split_held_out(corpus.dataset, run_config["held_out"], run_config["seed"])
     collator = MaskedExpressionCollator(tokenizer, run_config["mask_probability"], seed=run_config["seed"] + 1,
-                                        zero_fraction=run_config["zero_fraction"], panels=corpus.panels)
+                                        zero_fraction=run_config["zero_fraction"] if tokenizer.mode == "scbert2" else 0.0,
+                                        panels=corpus.panels)
     return masked_expression_metrics(Accelerator(cpu=True), model, held_out, collator,
                                      run_config["per_device_batch_size"])
 
@@ -76,6 +78,30 @@ def choose_dtype(model, requested: str, score) -> tuple[torch.dtype, dict]:
     return torch.float32, scores
 
 
+def describe_model(config, summary: dict) -> str:
+    """The card's first sentence: architecture, size and pretraining task."""
+    size = f"{summary['parameters'] / 1e6:.2f}M parameters"
+    if config.model_type == "scbert":
+        return (f"scBERT v1 (Performer, {config.num_hidden_layers} layers, hidden {config.hidden_size}, "
+                f"{config.num_attention_heads} heads, FAVOR+ with {config.nb_features} random features), {size}, "
+                f"pretrained by scBERT's masked language modelling (the expression bin of 15% of the expressed "
+                f"genes) on {summary['cells']:,} cells, every cell read over one fixed panel of "
+                f"{config.max_seq_len - 1:,} genes (a gene a file did not measure is masked, not read as zero).")
+    experts = (f", {config.num_local_experts} experts, top-{config.num_experts_per_tok}"
+               if getattr(config, "num_local_experts", 0) else "")
+    return (f"scBERT 2.0 ({config.num_hidden_layers} layers, hidden {config.hidden_size}, "
+            f"{config.num_attention_heads} query / {config.num_key_value_heads} key-value heads{experts}), {size}, "
+            f"pretrained by masked regression (bin + value of 15% of the expressed genes) on {summary['cells']:,} "
+            "cells.")
+
+
+def describe_genes(corpus: dict) -> str:
+    if "panel" in corpus:
+        return (f"a panel of {corpus['panel']['genes']:,} highly variable human genes of the "
+                f"{corpus['panel']['from_vocabulary_of']:,} symbols expressed in the corpus")
+    return f"{corpus['vocabulary_size']:,} human gene symbols"
+
+
 def write_card(folder: Path, name: str, summary: dict, scores: dict, dtype: torch.dtype, config) -> None:
     from huggingface_hub import ModelCard
 
@@ -83,6 +109,7 @@ def write_card(folder: Path, name: str, summary: dict, scores: dict, dtype: torc
     rows = "\n".join(f"| {Path(f['file']).name} | {f['species']} | {f['cells_kept']:,} of {f['cells_in']:,} | "
                      f"{f['vocabulary_genes_measured']:,} |" for f in corpus["files"])
     held = scores[str(dtype).removeprefix("torch.")]
+    value_mse = f", value MSE {held['masked_value_mse']:.4f} (log2 units)" if "masked_value_mse" in held else ""
     card = f"""---
 library_name: transformers
 license: apache-2.0
@@ -90,22 +117,18 @@ tags: [single-cell, scRNA-seq, biology, scbert]
 ---
 # {name}
 
-scBERT 2.0 ({config.num_hidden_layers} layers, hidden {config.hidden_size}, {config.num_attention_heads} query / \
-{config.num_key_value_heads} key-value heads{", " + str(config.num_local_experts) + " experts, top-" + str(config.num_experts_per_tok) if getattr(config, "num_local_experts", 0) else ""}), \
-{summary["parameters"] / 1e6:.2f}M parameters, pretrained by masked regression (bin + value of 15% of the expressed \
-genes) on {summary["cells"]:,} cells. Weights stored as {str(dtype).removeprefix("torch.")}; they load as float32.
+{describe_model(config, summary)} Weights stored as {str(dtype).removeprefix("torch.")}; they load as float32.
 
 **The corpus is small**: {corpus["cells"]:,} cells after QC from {len(corpus["files"])} files, against 30M+ for \
-Geneformer or scGPT; {corpus["vocabulary_size"]:,} human gene symbols (mouse genes map through one-to-one orthologs). \
-Baron mouse pancreas and pbmc68k_reduced, the project's evaluation sets, are not in it.
+Geneformer or scGPT; {describe_genes(corpus)} (mouse genes map through one-to-one orthologs). Baron mouse pancreas \
+and pbmc68k_reduced, the project's evaluation sets, are not in it.
 
 | file | species | cells kept (QC) | vocabulary genes measured |
 |---|---|---|---|
 {rows}
 
 Held-out {summary["held_out_cells"]:,} corpus cells (masked tokens): bin accuracy {held["masked_accuracy"]:.4f}, bin \
-cross-entropy {held["masked_cross_entropy"]:.4f}, value MSE {held.get("masked_value_mse", float("nan")):.4f} (log2 \
-units), after {summary["steps"]:,} optimizer steps.
+cross-entropy {held["masked_cross_entropy"]:.4f}{value_mse}, after {summary["steps"]:,} optimizer steps.
 
 ```python
 from transformers import AutoModel, AutoTokenizer
