@@ -145,7 +145,10 @@ def test_scbert_v1_corpus_pretraining_releases_a_folder(corpus_dir, tmp_path):
             "--cache_dir", str(tmp_path / "cache"), "--no_progress_bar", "--num_workers", "0"]
     with pytest.raises(ValueError, match="--panel_genes sizes a scBERT v1 panel"):
         pretrain.main(base + ["--architecture", "scbert2-tiny", "--panel_genes", "100"])
-    pretrain.main(base + ["--architecture", "scbert-small", "--panel_genes", "100"])
+    with pytest.raises(ValueError, match=r"--config_overrides: \['no_such_field'\] are not fields of the scbert"):
+        pretrain.main(base + ["--architecture", "scbert-small", "--config_overrides", "no_such_field=1"])
+    pretrain.main(base + ["--architecture", "scbert-small", "--panel_genes", "100",
+                          "--config_overrides", "feature_redraw_interval=null,depth=1"])
     summary = json.loads((output / "pretrain_summary.json").read_text())
     assert 0 <= summary["held_out"]["masked_accuracy"] <= 1 and "masked_value_mse" not in summary["held_out"]
     folder = release.main(["--run", str(output), "--output", str(tmp_path / "release")])
@@ -153,7 +156,9 @@ def test_scbert_v1_corpus_pretraining_releases_a_folder(corpus_dir, tmp_path):
     for key, value in summary["held_out"].items():
         assert saved["held_out_scores"]["float32"][key] == pytest.approx(value, abs=1e-6)
     card = (folder / "README.md").read_text()
-    assert "scBERT v1 (Performer, 2 layers" in card and "highly variable human genes" in card and "nan" not in card
+    saved_config = json.loads((folder / "config.json").read_text())
+    assert saved_config["feature_redraw_interval"] is None and saved_config["depth"] == 1
+    assert "scBERT v1 (Performer, 1 layer," in card and "highly variable human genes" in card and "nan" not in card
     code = ("from transformers import AutoModelForMaskedLM, AutoTokenizer; import sys; f = sys.argv[1]; "
             "m = AutoModelForMaskedLM.from_pretrained(f, trust_remote_code=True); "
             "t = AutoTokenizer.from_pretrained(f, trust_remote_code=True); print(t.mode, m.config.max_seq_len)")

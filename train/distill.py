@@ -38,7 +38,7 @@ from train.cli import run_command
 from train.data import ClassificationCollator, load_tokenized_dataset, make_loader
 from train.loop import EarlyStopping, add_training_arguments, make_accelerator, train_loop
 from train.metrics import classification_metrics, predict, validation_metrics
-from train.models import is_classifier, load_pretrained_folder, save_model_folder, tokenizer_overrides
+from train.models import is_classifier, load_pretrained_folder, parse_overrides, save_model_folder, tokenizer_overrides
 from train.novelty import save_statistics
 
 # The student keeps what ties it to the teacher's tokens and classes.
@@ -105,25 +105,10 @@ def hidden_field(config) -> str:
     return "dim" if config.model_type == "scbert" else "hidden_size"
 
 
-def parse_overrides(spec: str) -> dict:
-    if spec.endswith(".json"):
-        return json.loads(Path(spec).read_text())
-    overrides = {}
-    for item in filter(None, spec.split(",")):
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ValueError(f"--student takes 'distilled', a config.json or KEY=VALUE pairs; got {item!r}.")
-        try:
-            overrides[key.strip()] = json.loads(value)
-        except json.JSONDecodeError:
-            overrides[key.strip()] = value
-    return overrides
-
-
 def student_config(teacher_config, spec: str):
     """The teacher's config with the student's overrides (see --student)."""
     layers = getattr(teacher_config, layer_field(teacher_config))
-    overrides = {layer_field(teacher_config): max(1, layers // 2)} if spec == "distilled" else parse_overrides(spec)
+    overrides = {layer_field(teacher_config): max(1, layers // 2)} if spec == "distilled" else parse_overrides(spec, "--student takes 'distilled', a config.json or")
     config = copy.deepcopy(teacher_config)
     for key, value in overrides.items():
         if key in FIXED_FIELDS:

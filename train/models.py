@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,23 @@ def is_classifier(config) -> bool:
 
 def is_scbert_v1(architecture: str) -> bool:
     return architecture in modeling_scbert.configuration_scbert.PRESETS
+
+
+def parse_overrides(spec: str, flag: str = "--config_overrides takes a config.json or") -> dict[str, Any]:
+    """Config fields from a config.json path or ``KEY=VALUE,...`` (values read as JSON when they parse: ``2``,
+    ``null``, ``true``; as strings otherwise). ``flag`` starts the error message."""
+    if spec.endswith(".json"):
+        return json.loads(Path(spec).read_text())
+    overrides = {}
+    for item in filter(None, spec.split(",")):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"{flag} KEY=VALUE pairs; got {item!r}.")
+        try:
+            overrides[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            overrides[key.strip()] = value
+    return overrides
 
 
 def architecture_config(architecture: str, tokenizer: GeneExpressionTokenizer, **overrides: Any):

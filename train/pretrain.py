@@ -34,6 +34,7 @@ from train.models import (
     architecture_mode,
     attention_kwargs,
     load_pretrained_folder,
+    parse_overrides,
     save_model_folder,
     tokenizer_overrides,
 )
@@ -57,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="scBERT 2.0: each cell gains this share (of its expressed count) of unexpressed genes, "
                              "drawn per batch (0 for scBERT v1, which sees every gene)")
     parser.add_argument("--mask_probability", type=float, default=0.15)
+    parser.add_argument("--config_overrides", default=None,
+                        help="a new model: config fields over the --architecture preset, KEY=VALUE,... or a "
+                             "config.json (e.g. feature_redraw_interval=null)")
     parser.add_argument("--panel_genes", type=int, default=None,
                         help=f"scBERT v1 with --corpus: its fixed panel, the highly variable genes of the corpus "
                              f"(this many by each of two flavours; default {DEFAULT_V1_PANEL_GENES})")
@@ -123,6 +127,18 @@ def corpus_panel_genes(args: argparse.Namespace) -> int | None:
     return DEFAULT_V1_PANEL_GENES if args.panel_genes is None else args.panel_genes
 
 
+def config_overrides(args: argparse.Namespace, tokenizer: GeneExpressionTokenizer) -> dict:
+    """--config_overrides, each key checked against the preset's config."""
+    if not args.config_overrides:
+        return {}
+    overrides = parse_overrides(args.config_overrides)
+    preset = architecture_config(args.architecture, tokenizer)
+    unknown = sorted(key for key in overrides if not hasattr(preset, key))
+    if unknown:
+        raise ValueError(f"--config_overrides: {unknown} are not fields of the {preset.model_type} config.")
+    return overrides
+
+
 def split_held_out(dataset, share: float, seed: int):
     """(training cells, held-out cells or None)."""
     if not share:
@@ -139,11 +155,13 @@ def main(argv=None) -> Path:
     set_seed(args.seed)
     config, tokenizer = load_pretrained_folder(args.model, **tokenizer_overrides(args)) if args.model else (None, None)
     tokenizer, dataset, panels, corpus_report = load_cells(args, accelerator, tokenizer)
+    if args.model and args.config_overrides:
+        raise ValueError("--config_overrides shapes a new model; a continued --model keeps its own config.")
     if args.model:
         model = AutoModelForMaskedLM.from_pretrained(args.model, **attention_kwargs(config.model_type,
                                                                                     args.attn_implementation))
     else:
-        config = architecture_config(args.architecture, tokenizer)
+        config = architecture_config(args.architecture, tokenizer, **config_overrides(args, tokenizer))
         model = AutoModelForMaskedLM.from_config(config, **attention_kwargs(config.model_type, args.attn_implementation))
     train_cells, held_out = split_held_out(dataset, args.held_out if args.corpus else 0.0, args.seed)
     select_highly_variable_genes(tokenizer, train_cells, args)

@@ -82,7 +82,8 @@ def describe_model(config, summary: dict) -> str:
     """The card's first sentence: architecture, size and pretraining task."""
     size = f"{summary['parameters'] / 1e6:.2f}M parameters"
     if config.model_type == "scbert":
-        return (f"scBERT v1 (Performer, {config.num_hidden_layers} layers, hidden {config.hidden_size}, "
+        layers = f"{config.num_hidden_layers} layer" + ("s" if config.num_hidden_layers != 1 else "")
+        return (f"scBERT v1 (Performer, {layers}, hidden {config.hidden_size}, "
                 f"{config.num_attention_heads} heads, FAVOR+ with {config.nb_features} random features), {size}, "
                 f"pretrained by scBERT's masked language modelling (the expression bin of 15% of the expressed "
                 f"genes) on {summary['cells']:,} cells, every cell read over one fixed panel of "
