@@ -8,7 +8,8 @@ genes (as in pretraining) or from the data set's 2,000 highly variable genes (as
 the same architecture untrained (a control: what the tokenizer and a random encoder alone give); and PCA with 50
 components of the log-normalised, scaled highly variable genes (at most 2,000: scanpy's standard recipe). Scored by the
 accuracy of a 10-nearest-neighbour classifier in 5-fold stratified cross-validation, its macro-F1, and the
-silhouette of the known types (cosine). Writes benchmarks/results/zero_shot/zero_shot.json and .md.
+silhouette of the known types (cosine). Writes benchmarks/results/zero_shot/<--name>.json and .md. scBERT v1 reads
+its whole fixed panel, pooled by the mean of its genes' hidden states.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--highly_variable_genes", type=int, nargs="+", default=[0, 2000],
                         help="token choices to score: 0 = the most expressed genes (as in pretraining), N = the "
                              "N highly variable genes of the data set (as in fine-tuning)")
+    parser.add_argument("--name", default="zero_shot", help="results file stem under --results_dir")
     parser.add_argument("--output_dir", default=str(ROOT / "outputs" / "zero_shot"))
     parser.add_argument("--results_dir", default=str(ROOT / "benchmarks" / "results" / "zero_shot"))
     return parser.parse_args(argv)
@@ -53,6 +55,8 @@ def embed(folder: str, adata, batch_size: int, pretrained: bool = True, highly_v
     from tokenization import GeneExpressionTokenizer
 
     tokenizer = GeneExpressionTokenizer.from_pretrained(folder)
+    if tokenizer.mode == "scbert":
+        return mean_gene_states(folder, tokenizer, adata, batch_size, pretrained)
     if pretrained:
         model = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=1, pooling="mean")
     else:
@@ -64,6 +68,25 @@ def embed(folder: str, adata, batch_size: int, pretrained: bool = True, highly_v
 
         tokenizer.selected_genes = select(tokenizer.encode_matrix(adata), tokenizer, highly_variable_genes)
     return predict_cells(model, tokenizer, adata, batch_size)[1]
+
+
+@torch.inference_mode()
+def mean_gene_states(folder: str, tokenizer, adata, batch_size: int, pretrained: bool) -> np.ndarray:
+    """scBERT v1 (its classifier reads every position, it pools nothing): the mean of the panel genes' last hidden
+    states (scBERT's trailing extra token left out)."""
+    from transformers import AutoConfig, AutoModel
+
+    if pretrained:
+        model = AutoModel.from_pretrained(folder)
+    else:
+        torch.manual_seed(0)
+        model = AutoModel.from_config(AutoConfig.from_pretrained(folder))
+    model.eval()
+    parts = []
+    for start in range(0, adata.n_obs, batch_size):
+        batch = tokenizer(adata[start:start + batch_size], return_tensors="pt")
+        parts.append(model(**batch).last_hidden_state[:, :-1].mean(dim=1))  # [cells, hidden]
+    return torch.cat(parts).numpy()
 
 
 def pca_embedding(adata, components: int = 50) -> np.ndarray:
@@ -116,8 +139,10 @@ def main(argv=None) -> dict:
             if not Path(folder).exists():
                 print(f"skipping {folder}: not built (bash checkpoints/build.sh)")
                 continue
-            for hvg in args.highly_variable_genes:
-                tokens = f"{hvg} HVGs" if hvg else "most expressed genes"
+            # scBERT v1 reads its whole fixed panel: no choice of tokens to score.
+            v1 = json.loads((Path(folder) / "config.json").read_text())["model_type"] == "scbert"
+            for hvg in [0] if v1 else args.highly_variable_genes:
+                tokens = "its panel" if v1 else f"{hvg} HVGs" if hvg else "most expressed genes"
                 for pretrained in (True, False):
                     label = f"{Path(folder).name} {'pretrained' if pretrained else 'untrained'}, {tokens}"
                     rows[label] = score(embed(folder, adata, args.batch_size, pretrained, hvg), labels)
@@ -127,7 +152,7 @@ def main(argv=None) -> dict:
                "machine": {"platform": platform.platform(), "python": platform.python_version()}}
     out = Path(args.results_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "zero_shot.json").write_text(json.dumps(summary, indent=2))
+    (out / f"{args.name}.json").write_text(json.dumps(summary, indent=2))
     lines = ["# Zero-shot cell embeddings", "",
              "10-NN (cosine) accuracy and macro-F1 in 5-fold CV, silhouette (cosine) of the known types.", ""]
     for name, result in results.items():
@@ -136,7 +161,7 @@ def main(argv=None) -> dict:
         lines += [f"| {row} | {s['knn_accuracy']:.3f} | {s['knn_macro_f1']:.3f} | {s['silhouette']:.3f} |"
                   for row, s in result["scores"].items()]
         lines.append("")
-    (out / "zero_shot.md").write_text("\n".join(lines))
+    (out / f"{args.name}.md").write_text("\n".join(lines))
     print("\n".join(lines))
     return summary
 

@@ -70,14 +70,15 @@ def test_label_efficiency_runs_pretrained_scratch_and_baseline_on_the_same_cells
 
 
 def test_zero_shot_scores_the_checkpoint_against_pca(tmp_path):
-    checkpoint = ROOT / "checkpoints" / "scbert2-small"
-    command = [sys.executable, "-m", "benchmarks.zero_shot", "--checkpoints", str(checkpoint), "--datasets",
+    checkpoints = [str(ROOT / "checkpoints" / name) for name in ("scbert2-small", "scbert-small")]
+    command = [sys.executable, "-m", "benchmarks.zero_shot", "--checkpoints", *checkpoints, "--datasets",
                "pbmc68k_reduced", "--highly_variable_genes", "0", "--output_dir", str(tmp_path),
                "--results_dir", str(tmp_path / "results")]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     scores = json.loads((tmp_path / "results" / "zero_shot.json").read_text())["results"]["pbmc68k_reduced"]["scores"]
-    assert len(scores) == 3 and all(0 <= s["knn_accuracy"] <= 1 and -1 <= s["silhouette"] <= 1 for s in scores.values())
+    assert len(scores) == 5 and all(0 <= s["knn_accuracy"] <= 1 and -1 <= s["silhouette"] <= 1 for s in scores.values())
+    assert {"scbert-small pretrained, its panel", "scbert-small untrained, its panel"} < set(scores)
 
 
 def test_novelty_benchmark_scores_a_held_out_type_with_every_rule(tmp_path):
