@@ -31,7 +31,7 @@ from benchmarks.annotation_cv import BARON, write_bundled_dataset
 ROOT = Path(__file__).resolve().parents[1]
 DATASETS = {"baron_mouse_pancreas": (str(BARON), "cell_type1"), "pbmc68k_reduced": (None, "bulk_labels")}
 SCORES = ("max_probability", "energy", "prototype_distance", "mahalanobis", "expression_knn", "class_scaled_knn",
-          "combined", "combined_max")
+          "combined", "combined_max", "knn_energy", "knn_mahalanobis_energy")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -146,7 +146,9 @@ def render(results: dict) -> str:
              "expression_knn": "distance to 5th nearest training cell, expression PCA",
              "class_scaled_knn": "the same, divided by the predicted type's median",
              "combined": "mean of class-scaled kNN and Mahalanobis, standardised",
-             "combined_max": "max of class-scaled kNN and Mahalanobis, standardised"}
+             "combined_max": "max of class-scaled kNN and Mahalanobis, standardised",
+             "knn_energy": "mean of class-scaled kNN and energy, standardised",
+             "knn_mahalanobis_energy": "mean of class-scaled kNN, Mahalanobis and energy, standardised"}
     lines = []
     for dataset, block in results["datasets"].items():
         summary = block["summary"]

@@ -92,7 +92,8 @@ def test_novelty_benchmark_scores_a_held_out_type_with_every_rule(tmp_path):
     (run,) = measured["runs"]
     assert run["novel_type"] == "CD19+ B" and run["novel_cells"] == 95
     assert set(run["scores"]) == {"scbert_rule", "max_probability", "energy", "prototype_distance", "mahalanobis",
-                                  "expression_knn", "class_scaled_knn", "combined", "combined_max"}
+                                  "expression_knn", "class_scaled_knn", "combined", "combined_max",
+                                  "knn_energy", "knn_mahalanobis_energy"}
     for rule in run["scores"].values():
         assert 0 <= rule["auroc"] <= 1 and 0 <= rule["novel_flagged"] <= 1 and 0 <= rule["known_flagged"] <= 1
     # Refitting the detector from the saved folder and split, without fine-tuning again, gives fine-tuning's own.

@@ -628,7 +628,7 @@ def test_finetune_from_scratch_writes_results_and_labels(finetune_data, tmp_path
     detector = config.novelty_detection
     assert detector["score"] == DEFAULT_SCORE and set(detector["thresholds"]) == {
         "max_probability", "energy", "prototype_distance", "mahalanobis", "expression_knn", "class_scaled_knn",
-        "combined", "combined_max"}
+        "combined", "combined_max", "knn_energy", "knn_mahalanobis_energy"}
     assert (output / "model" / "novelty.safetensors").is_file()
     assert 0.0 <= saved["novelty_detection"]["test_flagged_share"] <= 1.0
 

@@ -16,10 +16,14 @@ classifier's logits and its cell embedding (the vector the head reads); higher m
 - ``class_scaled_knn``: ``expression_knn`` divided by the median of the same distance over the training cells of
   the predicted type (each without itself). A rare or diffuse type has far-apart cells, so one threshold for all
   types flags its known cells first, which is what costs macro-F1;
-- ``combined`` and ``combined_max``: the mean and the maximum of ``class_scaled_knn`` and ``mahalanobis``, each
-  first centred on its validation median and divided by its validation interquartile range. The two fail on
-  different types (benchmarks/results/novelty/): the embedding maps some unseen types onto a trained one, and
-  types that differ in a few genes sit close in expression space.
+- combinations (``COMBINATIONS``): the mean or the maximum of two or three of the scores above, each first centred
+  on its validation median and divided by its validation interquartile range. The parts fail on different types
+  (benchmarks/results/novelty/): the embedding maps some unseen types onto a trained one, and types that differ in a
+  few genes sit close in expression space. ``combined`` / ``combined_max`` pool class-scaled kNN with Mahalanobis,
+  ``knn_energy`` with energy, ``knn_mahalanobis_energy`` all three. Energy grows less than the Mahalanobis distance
+  for the known cells of a rare type: the encoder pulls a rare type's few training cells together, and its unseen
+  cells land about twice as far from their class mean as the training cells do (Baron, types of 5-10 training
+  cells), so a covariance estimated on the training cells calls them novel.
 
 `fit_novelty_detector` takes the class statistics from the training cells and, for every score, the threshold that
 flags ``false_flag_rate`` of the validation cells (all of known types); the folder then records them
@@ -37,12 +41,17 @@ STATISTICS_FILE = "novelty.safetensors"
 LOGIT_SCORES = ("max_probability", "energy")
 EMBEDDING_SCORES = ("prototype_distance", "mahalanobis")
 EXPRESSION_SCORES = ("expression_knn", "class_scaled_knn")
-COMBINED_PARTS = ("class_scaled_knn", "mahalanobis")
-COMBINED_SCORES = ("combined", "combined_max")
+# name: (parts, how they are pooled)
+COMBINATIONS = {"combined": (("class_scaled_knn", "mahalanobis"), "mean"),
+                "combined_max": (("class_scaled_knn", "mahalanobis"), "max"),
+                "knn_energy": (("class_scaled_knn", "energy"), "mean"),
+                "knn_mahalanobis_energy": (("class_scaled_knn", "mahalanobis", "energy"), "mean")}
+COMBINED_SCORES = tuple(COMBINATIONS)
 NEIGHBOURS = 5
 COMPONENTS = 50
-# The score cells are flagged by (benchmarks/results/novelty/ measured them all, leave one type out).
-DEFAULT_SCORE = "expression_knn"
+# The score cells are flagged by: of the scores benchmarks/results/novelty/ measured (leave one type out), the one
+# with the best AUROC among those that flag few known cells of rare types.
+DEFAULT_SCORE = "knn_energy"
 # A folder fine-tuned before the detector existed falls back to scBERT's rule: top probability below 0.5.
 SCBERT_RULE = {"score": "max_probability", "thresholds": {"max_probability": 0.5}, "fitted_on": "scBERT's fixed rule"}
 
@@ -86,17 +95,25 @@ def _class_scaled_knn(logits, embeddings, statistics, expression) -> np.ndarray:
     return _expression_knn(logits, embeddings, statistics, expression) / statistics["class_knn_scale"][logits.argmax(-1)]
 
 
-def _standardised_parts(logits, embeddings, statistics, expression) -> np.ndarray:
-    """[cells, parts]: each of COMBINED_PARTS centred and scaled by the validation cells' statistics."""
-    parts = np.stack([SCORE_FUNCTIONS[name](logits, embeddings, statistics, expression) for name in COMBINED_PARTS], -1)
-    return (parts - statistics["combined_location"]) / statistics["combined_scale"]
+def _standardised(name, logits, embeddings, statistics, expression) -> np.ndarray:
+    """Score ``name`` centred and scaled by its validation cells' median and interquartile range."""
+    score = SCORE_FUNCTIONS[name](logits, embeddings, statistics, expression)
+    return (score - statistics[f"location_{name}"]) / statistics[f"scale_{name}"]
+
+
+def _combination(name):
+    parts, pooling = COMBINATIONS[name]
+
+    def score(*inputs) -> np.ndarray:
+        standardised = np.stack([_standardised(part, *inputs) for part in parts], -1)  # [cells, parts]
+        return standardised.mean(-1) if pooling == "mean" else standardised.max(-1)
+    return score
 
 
 SCORE_FUNCTIONS = {"max_probability": _max_probability, "energy": _energy,
                    "prototype_distance": _prototype_distance, "mahalanobis": _mahalanobis,
                    "expression_knn": _expression_knn, "class_scaled_knn": _class_scaled_knn,
-                   "combined": lambda *inputs: _standardised_parts(*inputs).mean(-1),
-                   "combined_max": lambda *inputs: _standardised_parts(*inputs).max(-1)}
+                   **{name: _combination(name) for name in COMBINATIONS}}
 
 
 def novelty_scores(logits: np.ndarray, embeddings: np.ndarray | None, statistics: dict[str, np.ndarray] | None,
@@ -110,8 +127,8 @@ def novelty_scores(logits: np.ndarray, embeddings: np.ndarray | None, statistics
         available += EMBEDDING_SCORES
     if expression is not None and "train_coordinates" in statistics:
         available += EXPRESSION_SCORES
-    if set(COMBINED_PARTS) <= set(available) and "combined_location" in statistics:
-        available += COMBINED_SCORES
+    available += [name for name, (parts, _) in COMBINATIONS.items()
+                  if all(part in available and f"location_{part}" in statistics for part in parts)]
     logits = logits.astype(np.float64)
     embeddings = None if embeddings is None else embeddings.astype(np.float64)
     return {name: SCORE_FUNCTIONS[name](logits, embeddings, statistics, expression)
@@ -189,12 +206,12 @@ def fit_novelty_detector(train: dict, validation: dict, num_classes: int, false_
         statistics.update(expression_statistics(train["expression"], genes, train["labels"], num_classes))
     scores = novelty_scores(validation["logits"], validation.get("embeddings"), statistics,
                             validation.get("expression"))
-    if set(COMBINED_PARTS) <= set(scores):
-        parts = np.stack([scores[name] for name in COMBINED_PARTS], -1)
-        quartiles = np.quantile(parts, [0.25, 0.5, 0.75], axis=0)
-        statistics.update(combined_location=quartiles[1], combined_scale=np.maximum(quartiles[2] - quartiles[0], 1e-12))
-        scores.update(novelty_scores(validation["logits"], validation["embeddings"], statistics,
-                                     validation["expression"], names=list(COMBINED_SCORES)))
+    for part in {part for parts, _ in COMBINATIONS.values() for part in parts} & set(scores):
+        quartiles = np.quantile(scores[part], [0.25, 0.5, 0.75])
+        statistics.update({f"location_{part}": quartiles[1:2],
+                           f"scale_{part}": np.maximum(quartiles[2:] - quartiles[:1], 1e-12)})
+    scores.update(novelty_scores(validation["logits"], validation.get("embeddings"), statistics,
+                                 validation.get("expression"), names=list(COMBINED_SCORES)))
     thresholds = {name: float(np.quantile(values, 1.0 - false_flag_rate)) for name, values in scores.items()}
     # The default, or a logit score for a model and input that cannot compute it (no embedding, no expression).
     settings = {"score": DEFAULT_SCORE if DEFAULT_SCORE in thresholds else "energy", "thresholds": thresholds,
