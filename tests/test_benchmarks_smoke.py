@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -77,8 +78,29 @@ def test_zero_shot_scores_the_checkpoint_against_pca(tmp_path):
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     scores = json.loads((tmp_path / "results" / "zero_shot.json").read_text())["results"]["pbmc68k_reduced"]["scores"]
-    assert len(scores) == 5 and all(0 <= s["knn_accuracy"] <= 1 and -1 <= s["silhouette"] <= 1 for s in scores.values())
-    assert {"scbert-small pretrained, its panel", "scbert-small untrained, its panel"} < set(scores)
+    assert len(scores) == 7 and all(0 <= s["knn_accuracy"] <= 1 and -1 <= s["silhouette"] <= 1 for s in scores.values())
+    assert {f"scbert-small {state}, its panel{genes}" for state in ("pretrained", "untrained")
+            for genes in ("", "'s expressed genes")} < set(scores)
+
+
+def test_zero_shot_v1_expressed_pooling_averages_the_states_of_the_expressed_panel_genes(baron):
+    import torch
+    from transformers import AutoModel
+
+    from benchmarks.zero_shot import mean_gene_states
+    from tokenization import GeneExpressionTokenizer
+
+    folder = str(ROOT / "checkpoints" / "scbert-small")
+    tokenizer, cells = GeneExpressionTokenizer.from_pretrained(folder), baron[:3]
+    # One batch of all three: FAVOR+'s key stabiliser is a maximum over the batch, so states depend on its cells a little.
+    pooled = mean_gene_states(folder, tokenizer, cells, 3, pretrained=True, expressed_only=True)
+    batch = tokenizer(cells, return_tensors="pt")
+    with torch.no_grad():
+        states = AutoModel.from_pretrained(folder).eval()(**batch).last_hidden_state[:, :-1]
+    for cell in range(3):
+        expressed = batch["input_ids"][cell, :-1] > 0
+        assert 0 < expressed.sum() < expressed.numel()
+        np.testing.assert_allclose(pooled[cell], states[cell, expressed].mean(0).numpy(), rtol=1e-4, atol=1e-5)
 
 
 def test_novelty_benchmark_scores_a_held_out_type_with_every_rule(tmp_path):
