@@ -10,7 +10,7 @@ components of the log-normalised, scaled highly variable genes (at most 2,000: s
 accuracy of a 10-nearest-neighbour classifier in 5-fold stratified cross-validation, its macro-F1, and the
 silhouette of the known types (cosine). Writes benchmarks/results/zero_shot/<--name>.json and .md. scBERT v1 reads
 its whole fixed panel, pooled two ways: the mean of all its genes' hidden states, and of the genes the cell expresses
-(bin > 0; on Baron about 95% of a cell's panel positions are zeros, which dominate the first mean).
+(bin > 0; on Baron over 90% of a cell's panel positions are zeros, which dominate the first mean).
 """
 
 from __future__ import annotations
