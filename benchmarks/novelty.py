@@ -27,11 +27,12 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.annotation_cv import BARON, write_bundled_dataset
+from train.novelty import COMBINED_SCORES
 
 ROOT = Path(__file__).resolve().parents[1]
 DATASETS = {"baron_mouse_pancreas": (str(BARON), "cell_type1"), "pbmc68k_reduced": (None, "bulk_labels")}
 SCORES = ("max_probability", "energy", "prototype_distance", "mahalanobis", "expression_knn", "class_scaled_knn",
-          "combined", "combined_max", "knn_energy", "knn_mahalanobis_energy")
+          *COMBINED_SCORES)
 
 
 def parse_args(argv=None) -> argparse.Namespace:

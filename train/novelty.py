@@ -95,25 +95,17 @@ def _class_scaled_knn(logits, embeddings, statistics, expression) -> np.ndarray:
     return _expression_knn(logits, embeddings, statistics, expression) / statistics["class_knn_scale"][logits.argmax(-1)]
 
 
-def _standardised(name, logits, embeddings, statistics, expression) -> np.ndarray:
-    """Score ``name`` centred and scaled by its validation cells' median and interquartile range."""
-    score = SCORE_FUNCTIONS[name](logits, embeddings, statistics, expression)
-    return (score - statistics[f"location_{name}"]) / statistics[f"scale_{name}"]
-
-
-def _combination(name):
-    parts, pooling = COMBINATIONS[name]
-
-    def score(*inputs) -> np.ndarray:
-        standardised = np.stack([_standardised(part, *inputs) for part in parts], -1)  # [cells, parts]
-        return standardised.mean(-1) if pooling == "mean" else standardised.max(-1)
-    return score
-
-
 SCORE_FUNCTIONS = {"max_probability": _max_probability, "energy": _energy,
                    "prototype_distance": _prototype_distance, "mahalanobis": _mahalanobis,
-                   "expression_knn": _expression_knn, "class_scaled_knn": _class_scaled_knn,
-                   **{name: _combination(name) for name in COMBINATIONS}}
+                   "expression_knn": _expression_knn, "class_scaled_knn": _class_scaled_knn}
+
+
+def _combine(name: str, scores: dict[str, np.ndarray], statistics: dict[str, np.ndarray]) -> np.ndarray:
+    """Combination ``name`` of its parts' ``scores``, each centred and scaled by its validation statistics."""
+    parts, pooling = COMBINATIONS[name]
+    standardised = np.stack([(scores[part] - statistics[f"location_{part}"]) / statistics[f"scale_{part}"]
+                             for part in parts], -1)  # [cells, parts]
+    return standardised.mean(-1) if pooling == "mean" else standardised.max(-1)
 
 
 def novelty_scores(logits: np.ndarray, embeddings: np.ndarray | None, statistics: dict[str, np.ndarray] | None,
@@ -129,10 +121,14 @@ def novelty_scores(logits: np.ndarray, embeddings: np.ndarray | None, statistics
         available += EXPRESSION_SCORES
     available += [name for name, (parts, _) in COMBINATIONS.items()
                   if all(part in available and f"location_{part}" in statistics for part in parts)]
+    wanted = [name for name in available if names is None or name in names]
+    # Each part once, however many of the wanted combinations share it (the kNN search is the costly one).
+    parts = {part for name in wanted if name in COMBINATIONS for part in COMBINATIONS[name][0]}
     logits = logits.astype(np.float64)
     embeddings = None if embeddings is None else embeddings.astype(np.float64)
-    return {name: SCORE_FUNCTIONS[name](logits, embeddings, statistics, expression)
-            for name in available if names is None or name in names}
+    base = {name: SCORE_FUNCTIONS[name](logits, embeddings, statistics, expression)
+            for name in parts | (set(wanted) - set(COMBINATIONS))}
+    return {name: _combine(name, base, statistics) if name in COMBINATIONS else base[name] for name in wanted}
 
 
 def model_expression_genes(tokenizer) -> np.ndarray | None:
@@ -210,8 +206,8 @@ def fit_novelty_detector(train: dict, validation: dict, num_classes: int, false_
         quartiles = np.quantile(scores[part], [0.25, 0.5, 0.75])
         statistics.update({f"location_{part}": quartiles[1:2],
                            f"scale_{part}": np.maximum(quartiles[2:] - quartiles[:1], 1e-12)})
-    scores.update(novelty_scores(validation["logits"], validation.get("embeddings"), statistics,
-                                 validation.get("expression"), names=list(COMBINED_SCORES)))
+    scores.update({name: _combine(name, scores, statistics) for name, (parts, _) in COMBINATIONS.items()
+                   if set(parts) <= set(scores)})
     thresholds = {name: float(np.quantile(values, 1.0 - false_flag_rate)) for name, values in scores.items()}
     # The default, or a logit score for a model and input that cannot compute it (no embedding, no expression).
     settings = {"score": DEFAULT_SCORE if DEFAULT_SCORE in thresholds else "energy", "thresholds": thresholds,
