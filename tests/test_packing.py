@@ -65,11 +65,12 @@ def test_packed_row_matches_padded_batch_at_real_tokens(attn_implementation, exp
         torch.testing.assert_close(out_packed.aux_loss, out_padded.aux_loss, atol=ATOL, rtol=0)
 
 
-@pytest.mark.parametrize("pooling", ["cls", "mean", "mean_max"])
+@pytest.mark.parametrize("pooling,expression_pooling", [("cls", False), ("mean", False), ("mean_max", False),
+                                                        ("mean_max", True)])
 @pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
-def test_packed_classification_pools_per_cell(attn_implementation, pooling):
+def test_packed_classification_pools_per_cell(attn_implementation, pooling, expression_pooling):
     model = make_model(ScBert2ForSequenceClassification, attn_implementation, num_labels=3, pooling=pooling,
-                       num_local_experts=4)
+                       expression_pooling=expression_pooling, num_local_experts=4)
     cells = make_cells()
     for label, cell in zip([0, 2, 1, 2], cells):
         cell["label"] = label

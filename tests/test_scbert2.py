@@ -380,6 +380,37 @@ def test_mean_max_pooling_adds_the_maximum_over_gene_tokens():
         torch.testing.assert_close(pooled[row], torch.cat([genes.mean(0), genes.amax(0)]))
 
 
+def test_expression_pooling_reads_the_expression_through_the_gene_table():
+    model = make_model(ScBert2ForSequenceClassification, pooling="mean_max", expression_pooling=True, num_labels=2)
+    hidden_size = model.config.hidden_size
+    assert model.classifier.in_features == 3 * hidden_size
+    batch = collate(make_cells([3, 6]))
+    table = model.get_input_embeddings().weight
+    with torch.no_grad():
+        hidden = model.model(**batch).last_hidden_state
+        pooled = model.pool(hidden, batch["input_ids"], batch["attention_mask"], values=batch["values"])
+        out = model(**batch)
+    torch.testing.assert_close(out.pooled_output, pooled)
+    for row, length in enumerate([3, 6]):
+        genes, values = batch["input_ids"][row, 1:1 + length], batch["values"][row, 1:1 + length]  # no CLS, no padding
+        expected = model.expression_norm((values.unsqueeze(-1) * table[genes]).sum(0))
+        torch.testing.assert_close(pooled[row, 2 * hidden_size:], expected)
+    # RMS-normalised: a cell whose every value doubles (deeper sequencing of the same profile) reads the same.
+    doubled = {**batch, "values": batch["values"] * 2}
+    with torch.no_grad():
+        torch.testing.assert_close(model(**doubled).pooled_output[:, 2 * hidden_size:],
+                                   pooled[:, 2 * hidden_size:], atol=1e-3, rtol=1e-3)  # up to the norm's eps
+
+
+def test_expression_pooling_needs_values():
+    model = make_model(ScBert2ForSequenceClassification, expression_pooling=True, value_embedding_type="bin",
+                       pooling="mean", num_labels=2)
+    batch = collate(make_cells([3, 6]))
+    batch.pop("values")
+    with pytest.raises(ValueError, match="pass `values`"):
+        model(**batch)
+
+
 def test_cls_pooling_requires_cls_first():
     model = make_model(ScBert2ForSequenceClassification, pooling="cls", num_labels=2)
     with pytest.raises(ValueError, match="CLS token"):

@@ -667,6 +667,18 @@ def test_finetune_freezes_the_gene_table_and_balances_classes(finetune_data, tmp
                                     "1", "--no_baseline", "--freeze_gene_embeddings"))
 
 
+def test_finetune_expression_pooling_is_saved_with_the_head(finetune_data, tmp_path):
+    output = tmp_path / "run"
+    finetune.main(finetune_args(finetune_data, output, "--architecture", "scbert2-tiny", "--max_steps", "2",
+                                "--no_baseline", "--expression_pooling"))
+    model = AutoModelForSequenceClassification.from_pretrained(output / "model")
+    assert model.config.expression_pooling and model.config.pooling == "mean_max"
+    assert model.classifier.in_features == 3 * model.config.hidden_size
+    with pytest.raises(ValueError, match="expression_pooling reads the gene table of scBERT 2.0"):
+        finetune.main(finetune_args(finetune_data, tmp_path / "v1", "--architecture", "scbert-small", "--max_steps",
+                                    "1", "--no_baseline", "--expression_pooling"))
+
+
 def test_finetune_scbert_v1_from_scratch_keeps_the_full_panel(finetune_data, tmp_path):
     output = tmp_path / "run"
     results = finetune.main(finetune_args(finetune_data, output, "--architecture", "scbert-small", "--num_epochs", "1",

@@ -128,6 +128,11 @@ class ScBert2Config(PreTrainedConfig):
             Sequence-classification pooling: `"cls"` (the token at position 0, which must be CLS), `"mean"` (mean
             over the gene tokens) or `"mean_max"` (that mean next to the elementwise maximum over the gene tokens,
             which keeps a few marker genes from being averaged away).
+        expression_pooling (`bool`, defaults to `False`):
+            Sequence classification: the cell vector also holds the cell's expression read through the gene table
+            (the sum over its gene tokens of value x gene vector, RMS-normalised). With the SVD gene table that
+            fine-tuning starts from, these are the cell's principal components: the linear view of the expression
+            that logistic regression gets, beside the encoder's, for data sets with few labelled cells.
         classifier_dropout (`float`, defaults to 0.1):
             Dropout before the classification layer.
         class_prior (`list[float]`, *optional*):
@@ -196,6 +201,7 @@ class ScBert2Config(PreTrainedConfig):
     bin_loss_weight: float | int = non_negative_finite(default=1.0)
     value_loss_weight: float | int = non_negative_finite(default=1.0)
     pooling: Literal["cls", "mean", "mean_max"] = "cls"
+    expression_pooling: bool = False
     classifier_dropout: float | int = dropout_probability(default=0.1)
     class_prior: list[float | int] | None = class_frequencies(default=None)
     logit_adjustment_tau: float | int = non_negative_finite(default=0.0)

@@ -698,15 +698,45 @@ def pool_cells(
     return torch.cat([mean, maxima], dim=-1)  # [N, H] + [N, H] -> [N, 2H]
 
 
+def pool_expression(
+    config: ScBert2Config,
+    gene_table: torch.Tensor,
+    input_ids: torch.LongTensor,
+    values: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    cu_seq_lens: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """A cell's expression read through the gene table: the sum over its gene tokens of value x gene vector (a cell
+    without gene tokens gives zeros). Special tokens and padding take no part.
+
+    Padded batch: [B, L] -> [B, H]. Packed row with boundaries `cu_seq_lens` [N + 1]: [1, T] -> [N, H].
+    """
+    special = torch.tensor([config.pad_token_id, config.mask_token_id, config.cls_token_id], device=input_ids.device)
+    gene_mask = ~torch.isin(input_ids, special)
+    if attention_mask is not None:
+        gene_mask &= attention_mask.bool()
+    weighted = torch.where(gene_mask, values, 0.0).unsqueeze(-1).to(gene_table.dtype) * gene_table[input_ids]
+    if cu_seq_lens is None:
+        return weighted.sum(dim=1)  # [B, L, H] -> [B, H]
+    segment_ids = packed_segment_ids(cu_seq_lens, input_ids.shape[1])
+    return weighted.new_zeros(cu_seq_lens.shape[0] - 1, weighted.shape[-1]).index_add(0, segment_ids, weighted[0])
+
+
 class ScBert2ForSequenceClassification(ScBert2PreTrainedModel):
-    """Cell-level classification or regression from the CLS token or the mean over the gene tokens."""
+    """Cell-level classification or regression from the CLS token or the mean over the gene tokens; with
+    `config.expression_pooling`, also from the cell's expression read through the gene table ([`pool_expression`],
+    RMS-normalised: its scale does not depend on how many genes a cell expresses or gene dropout left)."""
 
     def __init__(self, config: ScBert2Config):
         super().__init__(config)
         self.num_labels = config.num_labels
         self.model = ScBert2Model(config)
         self.dropout = nn.Dropout(config.classifier_dropout)
-        self.classifier = nn.Linear(pooled_size(config), config.num_labels)
+        width = pooled_size(config)
+        if config.expression_pooling:
+            self.expression_norm = ScBert2RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+            width += config.hidden_size
+        self.classifier = nn.Linear(width, config.num_labels)
         self.post_init()
 
     def pool(
@@ -715,9 +745,19 @@ class ScBert2ForSequenceClassification(ScBert2PreTrainedModel):
         input_ids: torch.LongTensor,
         attention_mask: torch.Tensor | None,
         cu_seq_lens: torch.Tensor | None = None,
+        values: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """The cell embedding the classifier reads: [`pool_cells`] with this model's `config.pooling`."""
-        return pool_cells(self.config, last_hidden_state, input_ids, attention_mask, cu_seq_lens)
+        """The cell embedding the classifier reads: [`pool_cells`] with this model's `config.pooling`, then, with
+        `config.expression_pooling`, the normalised [`pool_expression`] of `values`."""
+        pooled = pool_cells(self.config, last_hidden_state, input_ids, attention_mask, cu_seq_lens)
+        if not self.config.expression_pooling:
+            return pooled
+        if values is None:
+            raise ValueError("expression_pooling=True reads the cells' continuous expression: pass `values` "
+                             "(FloatTensor shaped like input_ids), as the tokenizer returns it.")
+        gene_table = self.get_input_embeddings().weight
+        expression = pool_expression(self.config, gene_table, input_ids, values, attention_mask, cu_seq_lens)
+        return torch.cat([pooled, self.expression_norm(expression)], dim=-1)  # [N, P] + [N, H] -> [N, P + H]
 
     @can_return_tuple
     def forward(
@@ -752,7 +792,7 @@ class ScBert2ForSequenceClassification(ScBert2PreTrainedModel):
             cu_seq_lens_q=cu_seq_lens,
             **kwargs,
         )
-        pooled_output = self.pool(outputs.last_hidden_state, input_ids, attention_mask, cu_seq_lens)
+        pooled_output = self.pool(outputs.last_hidden_state, input_ids, attention_mask, cu_seq_lens, values)
         logits = adjust_logits(self.classifier(self.dropout(pooled_output)), self.config)
 
         loss = None
