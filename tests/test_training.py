@@ -667,13 +667,15 @@ def test_finetune_freezes_the_gene_table_and_balances_classes(finetune_data, tmp
                                     "1", "--no_baseline", "--freeze_gene_embeddings"))
 
 
-def test_finetune_expression_pooling_is_saved_with_the_head(finetune_data, tmp_path):
+@pytest.mark.parametrize("flag,expected", [((), True), (("--no-expression_pooling",), False)])
+def test_finetune_expression_pooling_is_on_by_default_and_saved_with_the_head(finetune_data, tmp_path, flag,
+                                                                              expected):
     output = tmp_path / "run"
     finetune.main(finetune_args(finetune_data, output, "--architecture", "scbert2-tiny", "--max_steps", "2",
-                                "--no_baseline", "--expression_pooling"))
+                                "--no_baseline", *flag))
     model = AutoModelForSequenceClassification.from_pretrained(output / "model")
-    assert model.config.expression_pooling and model.config.pooling == "mean_max"
-    assert model.classifier.in_features == 3 * model.config.hidden_size
+    assert model.config.expression_pooling is expected and model.config.pooling == "mean_max"
+    assert model.classifier.in_features == (3 if expected else 2) * model.config.hidden_size
     with pytest.raises(ValueError, match="expression_pooling reads the gene table of scBERT 2.0"):
         finetune.main(finetune_args(finetune_data, tmp_path / "v1", "--architecture", "scbert-small", "--max_steps",
                                     "1", "--no_baseline", "--expression_pooling"))
@@ -954,7 +956,8 @@ def test_main_job_starts_from_a_pretrained_folder_and_annotates_every_cell(pretr
     assert ((annotated.obs["scbert_confidence"] > 0) & (annotated.obs["scbert_confidence"] <= 1)).all()
     split = annotated.obs["scbert_split"].value_counts().to_dict()
     assert split == {part: results["split"][part] for part in ("train", "validation", "test")}
-    assert annotated.obsm["X_scbert"].shape == (original.n_obs, 2 * model.config.hidden_size)  # mean_max pooling
+    # mean_max pooling and the expression read through the gene table
+    assert annotated.obsm["X_scbert"].shape == (original.n_obs, 3 * model.config.hidden_size)
     assert (output / "umap.png").stat().st_size > 10_000
     assert "Hub-ready folder" in capsys.readouterr().out
     # annotate() on its own, in a fresh process that has imported nothing of the family yet.

@@ -711,8 +711,9 @@ def pool_expression(
 
     Padded batch: [B, L] -> [B, H]. Packed row with boundaries `cu_seq_lens` [N + 1]: [1, T] -> [N, H].
     """
-    special = torch.tensor([config.pad_token_id, config.mask_token_id, config.cls_token_id], device=input_ids.device)
-    gene_mask = ~torch.isin(input_ids, special)
+    # Comparisons rather than torch.isin, which exports to ONNX through an op it has no kernel for (searchsorted).
+    gene_mask = (input_ids != config.pad_token_id) & (input_ids != config.mask_token_id) & (
+        input_ids != config.cls_token_id)
     if attention_mask is not None:
         gene_mask &= attention_mask.bool()
     weighted = torch.where(gene_mask, values, 0.0).unsqueeze(-1).to(gene_table.dtype) * gene_table[input_ids]
