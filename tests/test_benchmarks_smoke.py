@@ -78,9 +78,11 @@ def test_zero_shot_scores_the_checkpoint_against_pca(tmp_path):
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     scores = json.loads((tmp_path / "results" / "zero_shot.json").read_text())["results"]["pbmc68k_reduced"]["scores"]
-    assert len(scores) == 7 and all(0 <= s["knn_accuracy"] <= 1 and -1 <= s["silhouette"] <= 1 for s in scores.values())
+    assert len(scores) == 9 and all(0 <= s["knn_accuracy"] <= 1 and -1 <= s["silhouette"] <= 1 for s in scores.values())
     assert {f"scbert-small {state}, its panel{genes}" for state in ("pretrained", "untrained")
             for genes in ("", "'s expressed genes")} < set(scores)
+    assert {f"scbert2-small {state}, most expressed genes{reading}" for state in ("pretrained", "untrained")
+            for reading in ("", ", expression through the gene table")} < set(scores)
 
 
 def test_zero_shot_v1_expressed_pooling_averages_the_states_of_the_expressed_panel_genes(baron):
