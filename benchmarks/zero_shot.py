@@ -50,12 +50,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def embed(folder: str, adata, batch_size: int, pretrained: bool = True, highly_variable_genes: int = 0,
-          expressed_only: bool = False, gene_table: bool = False) -> np.ndarray:
+          expressed_only: bool = False) -> np.ndarray:
     """Mean-pooled last hidden states of every cell, in order; with ``highly_variable_genes`` the tokens come from
     that many highly variable genes of these cells (no labels read), as fine-tuning draws them. ``expressed_only``:
-    scBERT v1's mean over the panel genes the cell expresses. ``gene_table`` (scBERT 2.0): instead of the encoder's
-    states, the cell's expression read through the gene table (the classifier's expression pooling: the sum of
-    value x gene vector over the cell's tokens), which no encoder layer touches."""
+    scBERT v1's mean over the panel genes the cell expresses. scBERT 2.0: each row is followed by the cell's
+    expression read through the gene table (the classifier's expression pooling: the sum of value x gene vector over
+    the cell's tokens), which no encoder layer touches; both come from one pass, [cells, H + H]."""
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
     import modeling_scbert  # noqa: F401  (registers the family)
@@ -64,7 +64,7 @@ def embed(folder: str, adata, batch_size: int, pretrained: bool = True, highly_v
     tokenizer = GeneExpressionTokenizer.from_pretrained(folder)
     if tokenizer.mode == "scbert":
         return mean_gene_states(folder, tokenizer, adata, batch_size, pretrained, expressed_only)
-    head = {"num_labels": 1, "pooling": "mean", "expression_pooling": gene_table}
+    head = {"num_labels": 1, "pooling": "mean", "expression_pooling": True}
     if pretrained:
         model = AutoModelForSequenceClassification.from_pretrained(folder, **head)
     else:
@@ -75,8 +75,7 @@ def embed(folder: str, adata, batch_size: int, pretrained: bool = True, highly_v
         from train.genes import highly_variable_genes as select
 
         tokenizer.selected_genes = select(tokenizer.encode_matrix(adata), tokenizer, highly_variable_genes)
-    pooled = predict_cells(model, tokenizer, adata, batch_size)[1]  # [cells, H] or, with the table, [cells, H + H]
-    return pooled[:, model.config.hidden_size:] if gene_table else pooled
+    return predict_cells(model, tokenizer, adata, batch_size)[1]
 
 
 @torch.inference_mode()
@@ -157,16 +156,19 @@ def main(argv=None) -> dict:
                 continue
             # scBERT v1 reads its whole fixed panel: no choice of tokens to score.
             v1 = json.loads((Path(folder) / "config.json").read_text())["model_type"] == "scbert"
-            readings = ([(0, False, False), (0, True, False)] if v1 else
-                        [(hvg, False, table) for hvg in args.highly_variable_genes for table in (False, True)])
-            for hvg, expressed_only, table in readings:
+            readings = [(0, False), (0, True)] if v1 else [(hvg, False) for hvg in args.highly_variable_genes]
+            for hvg, expressed_only in readings:
                 tokens = (("its panel's expressed genes" if expressed_only else "its panel") if v1
                           else f"{hvg} HVGs" if hvg else "most expressed genes")
                 for pretrained in (True, False):
-                    label = (f"{Path(folder).name} {'pretrained' if pretrained else 'untrained'}, {tokens}"
-                             + (", expression through the gene table" if table else ""))
-                    rows[label] = score(embed(folder, adata, args.batch_size, pretrained, hvg, expressed_only, table),
-                                        labels)
+                    label = f"{Path(folder).name} {'pretrained' if pretrained else 'untrained'}, {tokens}"
+                    vectors = embed(folder, adata, args.batch_size, pretrained, hvg, expressed_only)
+                    if v1:
+                        rows[label] = score(vectors, labels)
+                        continue
+                    hidden = vectors.shape[1] // 2  # [cells, H + H]: encoder states, then the gene-table readout
+                    rows[label] = score(vectors[:, :hidden], labels)
+                    rows[f"{label}, expression through the gene table"] = score(vectors[:, hidden:], labels)
         results[name] = {"cells": int(adata.n_obs), "types": int(len(set(labels))), "scores": rows}
         print(name, json.dumps(rows, indent=1))
     summary = {"results": results, "wall_seconds": time.perf_counter() - start,
