@@ -9,8 +9,9 @@ validation cells); then the saved folder scores the known test cells of that run
 With `--refit_detector` the runs already fine-tuned keep their models, and each detector is fitted anew from the
 folder on the run's own training and validation cells, as fine-tuning fits it (to measure a changed
 train/novelty.py without fine-tuning again). Per score: AUROC of novel vs known test cells, the share of novel
-cells flagged and of known cells wrongly flagged at the folder's saved threshold, and the known cells' macro-F1
-without and with flagging (a flagged known cell counts as wrong). scBERT's rule (top probability < 0.5 -> unassigned) is scored the same way. Writes
+cells flagged and of known cells wrongly flagged at the folder's saved threshold (each combination also behind the
+saved gate, `<name>_gated`: how `scbert annotate` flags), and the known cells' macro-F1 without and with flagging
+(a flagged known cell counts as wrong). scBERT's rule (top probability < 0.5 -> unassigned) is scored the same way. Writes
 benchmarks/results/novelty/novelty.json and novelty.md.
 """
 
@@ -27,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.annotation_cv import BARON, write_bundled_dataset
-from train.novelty import COMBINED_SCORES
+from train.novelty import COMBINED_SCORES, flag_novel
 
 ROOT = Path(__file__).resolve().parents[1]
 DATASETS = {"baron_mouse_pancreas": (str(BARON), "cell_type1"), "pbmc68k_reduced": (None, "bulk_labels")}
@@ -111,23 +112,34 @@ def score_folder(model_folder: Path, known, novel, label_key: str, novel_type: s
     def known_macro_f1(flagged: np.ndarray) -> float:
         return float(f1_score(truth, np.where(flagged, -1, predicted), labels=classes, average="macro", zero_division=0))
 
-    rules = {name: detector["thresholds"][name] for name in SCORES if name in detector["thresholds"]}
-    rules["scbert_rule"] = 0.5  # on max_probability: flagged when the top probability is below 0.5
     result = {"novel_type": novel_type, "novel_cells": int(novel.n_obs), "known_test_cells": int(known.n_obs),
               "detector_score": detector["score"], "false_flag_rate": detector.get("false_flag_rate"),
               "known_macro_f1": known_macro_f1(np.zeros(len(truth), dtype=bool)), "scores": {}}
-    for rule, threshold in rules.items():
-        score = "max_probability" if rule == "scbert_rule" else rule
+    for rule, settings in decision_rules(detector).items():
+        score = settings["score"]
         known_scores, novel_scores = outputs["known"]["scores"][score], outputs["novel"]["scores"][score]
+        flagged = {part: flag_novel(outputs[part]["scores"], settings) for part in ("known", "novel")}
         result["scores"][rule] = {
             "auroc": float(roc_auc_score(np.r_[np.zeros(len(known_scores)), np.ones(len(novel_scores))],
                                          np.r_[known_scores, novel_scores])),
-            "threshold": float(threshold),
-            "novel_flagged": float(np.mean(novel_scores > threshold)),
-            "known_flagged": float(np.mean(known_scores > threshold)),
-            "known_macro_f1_with_flagging": known_macro_f1(known_scores > threshold),
+            "threshold": float(settings["thresholds"][score]),
+            "novel_flagged": float(np.mean(flagged["novel"])),
+            "known_flagged": float(np.mean(flagged["known"])),
+            "known_macro_f1_with_flagging": known_macro_f1(flagged["known"]),
         }
     return result
+
+
+def decision_rules(detector: dict) -> dict[str, dict]:
+    """Rule name -> detector settings (`flag_novel`): each score at its saved threshold, each combination also
+    behind the saved gate (`<name>_gated`), and scBERT's rule (top probability < 0.5)."""
+    thresholds = detector["thresholds"]
+    rules = {name: {"score": name, "thresholds": thresholds} for name in SCORES if name in thresholds}
+    if detector.get("gate"):
+        rules.update({f"{name}_gated": {"score": name, "thresholds": thresholds, "gate": detector["gate"]}
+                      for name in COMBINED_SCORES if name in thresholds})
+    rules["scbert_rule"] = {"score": "max_probability", "thresholds": {"max_probability": 0.5}}
+    return rules
 
 
 def summarise(runs: list[dict]) -> dict:
@@ -157,12 +169,13 @@ def render(results: dict) -> str:
                   f"Known-cell macro-F1 without flagging: {summary['known_macro_f1']:.3f}.", "",
                   "| score (threshold) | AUROC | novel flagged | known flagged | known macro-F1 with flagging (change) |",
                   "|---|---:|---:|---:|---:|"]
-        for rule in ("scbert_rule", *SCORES):
+        for rule in ("scbert_rule", *SCORES, *(f"{name}_gated" for name in COMBINED_SCORES)):
             if rule not in summary:
                 continue
             s = summary[rule]
-            threshold = "fixed 0.5" if rule == "scbert_rule" else "saved, validation"
-            lines.append(f"| {names[rule]} ({threshold}) | {s['auroc']:.3f} | {s['novel_flagged']:.1%} | "
+            threshold = {"scbert_rule": "fixed 0.5"}.get(rule, "saved, validation")
+            name = names[rule] if rule in names else names[rule.removesuffix("_gated")] + ", behind the gate"
+            lines.append(f"| {name} ({threshold}) | {s['auroc']:.3f} | {s['novel_flagged']:.1%} | "
                          f"{s['known_flagged']:.1%} | {s['known_macro_f1_with_flagging']:.3f} "
                          f"({-100 * s['known_macro_f1_drop']:+.1f} pt) |")
         lines += ["", "Per held-out type, AUROC of each score:", "",

@@ -70,7 +70,10 @@ def test_annotate_streams_an_h5ad_and_returns_every_cell_in_order(classifier, wi
     assert set(known["scbert_cell_type"]) <= set(CLASSES) and (known["scbert_unassigned_reason"] == "").all()
     assert np.isfinite(annotated.obsm["X_scbert"][annotated.obs["scbert_cell_type"] != UNASSIGNED]).all()
     assert summary["unassigned"] == 2 and summary["cells"] == with_odd_cells.n_obs
-    assert annotated.uns["scbert"]["novelty"]["score"] == DEFAULT_SCORE
+    novelty = annotated.uns["scbert"]["novelty"]
+    assert novelty["score"] == DEFAULT_SCORE and novelty["gate_score"] == "class_scaled_knn"
+    # A flagged cell is above the threshold; the gate can only leave a cell above it unflagged.
+    assert (known.loc[known["scbert_is_novel"], "scbert_novelty_score"] > novelty["threshold"]).all()
     assert "raw counts detected" in annotated.uns["scbert"]["normalization"]
 
     # The same cells in memory, in one chunk: the same answers, whatever the chunking.

@@ -117,9 +117,14 @@ def test_novelty_benchmark_scores_a_held_out_type_with_every_rule(tmp_path):
     assert run["novel_type"] == "CD19+ B" and run["novel_cells"] == 95
     assert set(run["scores"]) == {"scbert_rule", "max_probability", "energy", "prototype_distance", "mahalanobis",
                                   "expression_knn", "class_scaled_knn", "combined", "combined_max",
-                                  "knn_energy", "knn_mahalanobis_energy"}
+                                  "knn_energy", "knn_mahalanobis_energy", "combined_gated", "combined_max_gated",
+                                  "knn_energy_gated", "knn_mahalanobis_energy_gated"}
     for rule in run["scores"].values():
         assert 0 <= rule["auroc"] <= 1 and 0 <= rule["novel_flagged"] <= 1 and 0 <= rule["known_flagged"] <= 1
+    for name in ("knn_energy", "knn_mahalanobis_energy"):  # the gate only takes flags away, the ranking is the score's
+        gated, plain = run["scores"][f"{name}_gated"], run["scores"][name]
+        assert gated["auroc"] == plain["auroc"] and gated["known_flagged"] <= plain["known_flagged"]
+        assert gated["novel_flagged"] <= plain["novel_flagged"]
     # Refitting the detector from the saved folder and split, without fine-tuning again, gives fine-tuning's own.
     refit = subprocess.run(command[:3] + ["--refit_detector"] + command[3:], cwd=ROOT, capture_output=True, text=True,
                            timeout=600)

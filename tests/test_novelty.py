@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 from types import SimpleNamespace
 
-from train.novelty import (COMBINED_SCORES, DEFAULT_SCORE, SCBERT_RULE, STATISTICS_FILE, fit_novelty_detector,
-                           load_detector, novelty_scores, save_statistics)
+from train.novelty import (COMBINED_SCORES, DEFAULT_SCORE, GATE_SCORE, SCBERT_RULE, STATISTICS_FILE,
+                           detector_score_names, fit_novelty_detector, flag_novel, load_detector, novelty_scores,
+                           save_statistics)
 
 
 def clusters(rng, centres: np.ndarray, per_class: int, spread: float = 0.3):
@@ -40,7 +41,7 @@ def test_thresholds_flag_the_requested_share_of_validation_cells(known_and_novel
                                                           "mahalanobis"}  # no expression given: no expression_knn
     for name, values in scores.items():
         assert np.mean(values > settings["thresholds"][name]) == pytest.approx(0.05, abs=0.011), name
-    assert settings["score"] == (DEFAULT_SCORE if DEFAULT_SCORE in scores else "energy")
+    assert settings["score"] == "energy" and "gate" not in settings  # no expression: no kNN part, no gate
     assert statistics["precision"].shape == (8, 8)
 
 
@@ -98,7 +99,7 @@ def test_expression_knn_flags_cells_far_from_every_training_cell_in_expression_s
     validation = {"logits": rng.normal(size=(90, 3)), "expression": sp.vstack([expression(t, 30) for t in range(3)]).tocsr()}
     genes = np.arange(0, 300, 2)  # the model reads every other gene
     settings, statistics = fit_novelty_detector(train, validation, 3, 0.05, expression_genes=genes)
-    assert settings["score"] == (DEFAULT_SCORE if DEFAULT_SCORE in settings["thresholds"] else "energy")
+    assert settings["score"] == "knn_energy"  # no embedding: the best score without Mahalanobis
     assert "mahalanobis" not in settings["thresholds"] and statistics["train_coordinates"].shape == (180, 50)
     known = novelty_scores(rng.normal(size=(90, 3)), None, statistics,
                            sp.vstack([expression(t, 30) for t in range(3)]).tocsr())["expression_knn"]
@@ -203,3 +204,61 @@ def test_knn_energy_spares_the_known_cells_of_a_rare_type_the_encoder_pulled_tog
     flagged = {name: np.mean(scores[name][rare] > settings["thresholds"][name])
                for name in ("mahalanobis", "combined", "knn_energy")}
     assert flagged["mahalanobis"] > 0.8 and flagged["combined"] > 0.5 and flagged["knn_energy"] < 0.25, flagged
+
+
+def rare_type_cells(rng, counts, rare_spread, novel: int = 0):
+    """Types 0-1 common, 2 rare (the encoder packs its training cells within ``rare_spread``), then ``novel`` cells
+    of a type 3 that is new in expression and in the embedding."""
+    centres = 4.0 * np.eye(4, 30)
+    labels = np.repeat(np.arange(4), [*counts, novel])
+    spread = np.where(labels == 2, rare_spread, 0.3)[:, None]
+    embeddings = centres[labels, :8] + spread * rng.standard_normal((len(labels), 8))
+    return {"logits": embeddings @ centres[:3, :8].T, "embeddings": embeddings, "labels": labels,
+            "expression": gaussian_cells(rng, centres, labels, 0.5 * np.ones(4))}
+
+
+def test_the_gate_is_the_validation_median_of_the_class_scaled_knn_and_only_takes_flags_away():
+    rng = np.random.default_rng(4)
+    train, validation = rare_type_cells(rng, [300, 300, 6], 0.05), rare_type_cells(rng, [100, 100, 0], 0.3)
+    test = rare_type_cells(rng, [100, 100, 30], 0.6, novel=40)
+    settings, statistics = fit_novelty_detector(train, validation, 3, 0.05)
+    validation_scores = novelty_scores(validation["logits"], validation["embeddings"], statistics,
+                                       validation["expression"])
+    assert settings["score"] == DEFAULT_SCORE and detector_score_names(settings) == [DEFAULT_SCORE, GATE_SCORE]
+    assert settings["gate"] == {"score": GATE_SCORE, "threshold": pytest.approx(np.median(validation_scores[GATE_SCORE]))}
+    scores = novelty_scores(test["logits"], test["embeddings"], statistics, test["expression"],
+                            names=detector_score_names(settings))
+    assert set(scores) == {DEFAULT_SCORE, GATE_SCORE}
+    ungated = scores[DEFAULT_SCORE] > settings["thresholds"][DEFAULT_SCORE]
+    np.testing.assert_array_equal(flag_novel(scores, settings),
+                                  ungated & (scores[GATE_SCORE] > settings["gate"]["threshold"]))
+    np.testing.assert_array_equal(flag_novel(scores, {k: v for k, v in settings.items() if k != "gate"}), ungated)
+
+
+def test_the_gate_spares_a_rare_types_known_cells_and_still_flags_a_novel_type():
+    """The default score's Mahalanobis and energy parts call a rare type's unseen cells novel (its training cells
+    were packed tight; none is among the validation cells, as in Baron); its class-scaled kNN does not."""
+    rng = np.random.default_rng(5)
+    train, validation = rare_type_cells(rng, [300, 300, 6], 0.05), rare_type_cells(rng, [100, 100, 0], 0.3)
+    test = rare_type_cells(rng, [100, 100, 30], 0.6, novel=40)
+    settings, statistics = fit_novelty_detector(train, validation, 3, 0.05)
+    scores = novelty_scores(test["logits"], test["embeddings"], statistics, test["expression"])
+    rare, novel = test["labels"] == 2, test["labels"] == 3
+    ungated = scores[DEFAULT_SCORE] > settings["thresholds"][DEFAULT_SCORE]
+    flagged = flag_novel(scores, settings)
+    assert ungated[rare].mean() > 0.4 and flagged[rare].mean() < 0.15, (ungated[rare].mean(), flagged[rare].mean())
+    assert flagged[novel].mean() > 0.9
+
+
+def test_a_malformed_gate_in_the_config_is_refused():
+    from huggingface_hub.errors import StrictDataclassError
+
+    from modeling_scbert import ScBert2Config
+
+    good = {"score": "knn_energy", "thresholds": {"knn_energy": 1.0, "class_scaled_knn": 1.2},
+            "gate": {"score": "class_scaled_knn", "threshold": 1.1}}
+    assert ScBert2Config(novelty_detection=good).novelty_detection == good
+    for gate in ({"score": "not_a_score", "threshold": 1.0}, {"score": "class_scaled_knn", "threshold": float("nan")},
+                 "class_scaled_knn > 1"):
+        with pytest.raises(StrictDataclassError, match="optionally `gate`"):
+            ScBert2Config(novelty_detection=good | {"gate": gate})

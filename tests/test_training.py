@@ -629,6 +629,7 @@ def test_finetune_from_scratch_writes_results_and_labels(finetune_data, tmp_path
     assert detector["score"] == DEFAULT_SCORE and set(detector["thresholds"]) == {
         "max_probability", "energy", "prototype_distance", "mahalanobis", "expression_knn", "class_scaled_knn",
         "combined", "combined_max", "knn_energy", "knn_mahalanobis_energy"}
+    assert detector["gate"]["score"] == "class_scaled_knn"
     assert (output / "model" / "novelty.safetensors").is_file()
     assert 0.0 <= saved["novelty_detection"]["test_flagged_share"] <= 1.0
 
@@ -689,7 +690,7 @@ def test_finetune_scbert_v1_from_scratch_keeps_the_full_panel(finetune_data, tmp
     assert GeneExpressionTokenizer.from_pretrained(output / "model").selected_genes is None
     # No cell embedding, so no embedding scores; the expression score needs none.
     detector = AutoConfig.from_pretrained(output / "model").novelty_detection
-    assert detector["score"] in (DEFAULT_SCORE, "energy") and "mahalanobis" not in detector["thresholds"]
+    assert detector["score"] == "knn_energy" and "mahalanobis" not in detector["thresholds"]
     assert "class_means" not in load_file(str(output / "model" / "novelty.safetensors"))
 
 

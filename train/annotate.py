@@ -33,7 +33,7 @@ import torch
 
 from train.cli import run_command
 from train.models import is_classifier
-from train.novelty import load_detector, novelty_scores
+from train.novelty import detector_score_names, flag_novel, load_detector, novelty_scores
 from train.readers import SUPPORTED, read_cells
 
 UNASSIGNED = "unassigned"
@@ -163,26 +163,29 @@ class Annotator:
               expression: sp.csr_matrix) -> None:
         probabilities = torch.softmax(torch.as_tensor(logits), dim=-1).numpy()
         id2label = self.model.config.id2label
-        score_name = self.detector["score"]
-        scores = novelty_scores(logits, embeddings, self.statistics, expression, names=[score_name])[score_name]
+        scores = novelty_scores(logits, embeddings, self.statistics, expression,
+                                names=detector_score_names(self.detector))
         result["cell_type"][rows] = [id2label[int(i)] for i in probabilities.argmax(-1)]
         result["confidence"][rows] = probabilities.max(-1)
-        result["novelty_score"][rows] = scores
-        result["is_novel"][rows] = scores > self.detector["thresholds"][score_name]
+        result["novelty_score"][rows] = scores[self.detector["score"]]
+        result["is_novel"][rows] = flag_novel(scores, self.detector)
         if embeddings is not None:
             result["embeddings"][rows] = embeddings
 
     def describe(self, report, normalizations: set[str], results: dict, seconds: float) -> dict:
         """What was done, for ``uns["scbert"]`` (strings and numbers only: .h5ad stores no None)."""
         report.normalization = "; ".join(sorted(n for n in normalizations if n))
-        score = self.detector["score"]
+        score, gate = self.detector["score"], self.detector.get("gate")
+        novelty = {"score": score, "threshold": float(self.detector["thresholds"][score]),
+                   "fitted_on": str(self.detector.get("fitted_on", ""))}
+        if gate:
+            novelty.update(gate_score=gate["score"], gate_threshold=float(gate["threshold"]))
         return {"model": self.source, "dtype": str(self.model.dtype).removeprefix("torch."),
                 "gene_match": str(report), "normalization": report.normalization,
                 "min_genes": self.min_genes, "cells": int(len(results["cell_type"])),
                 "unassigned": int(np.sum(results["cell_type"] == UNASSIGNED)),
                 "novel": int(results["is_novel"].sum()),
-                "novelty": {"score": score, "threshold": float(self.detector["thresholds"][score]),
-                            "fitted_on": str(self.detector.get("fitted_on", ""))},
+                "novelty": novelty,
                 "seconds": float(seconds), "cells_per_second": float(len(results["cell_type"]) / max(seconds, 1e-9))}
 
 

@@ -31,7 +31,8 @@ from train.data import ClassificationCollator, load_tokenized_dataset, make_load
 from train.genes import initialise_gene_embeddings, select_highly_variable_genes
 from train.loop import EarlyStopping, add_training_arguments, make_accelerator, model_loss, run_identity, train_loop
 from train.metrics import classification_metrics, predict, predict_outputs, validation_metrics
-from train.novelty import fit_novelty_detector, model_expression_genes, novelty_scores, save_statistics
+from train.novelty import (detector_score_names, fit_novelty_detector, flag_novel, model_expression_genes,
+                           novelty_scores, save_statistics)
 from train.models import (
     architecture_config,
     architecture_mode,
@@ -380,9 +381,8 @@ def flagging_on_known_cells(test: dict, statistics, detector: dict, names: list[
     known types when a flagged cell counts as a wrong answer."""
     from sklearn.metrics import f1_score
 
-    score = detector["score"]
-    flagged = novelty_scores(test["logits"], test["embeddings"], statistics, test["expression"],
-                             names=[score])[score] > detector["thresholds"][score]
+    flagged = flag_novel(novelty_scores(test["logits"], test["embeddings"], statistics, test["expression"],
+                                        names=detector_score_names(detector)), detector)
     predictions = np.where(flagged, len(names), test["logits"].argmax(-1))
     return {"test_flagged_share": float(flagged.mean()),
             "test_macro_f1_with_flagging": float(f1_score(test["labels"], predictions, labels=np.unique(test["labels"]),

@@ -28,6 +28,11 @@ classifier's logits and its cell embedding (the vector the head reads); higher m
 `fit_novelty_detector` takes the class statistics from the training cells and, for every score, the threshold that
 flags ``false_flag_rate`` of the validation cells (all of known types); the folder then records them
 (`config.novelty_detection` and `novelty.safetensors`), so the command, the Python function and a Space flag alike.
+A cell is flagged (`flag_novel`) when the detector's score is above its threshold and, where the expression is
+available, its class-scaled kNN distance is above the validation cells' median (the gate): the classifier's signals
+(energy, Mahalanobis) also rise for the unseen known cells of a type with a handful of training cells, which the
+validation cells cannot calibrate (Baron holds 0 or 1 of them for its rarest types), while the class-scaled kNN is
+scaled by that type's own training cells. The gate decides the flag only; a score's ranking (its AUROC) is its own.
 """
 
 from __future__ import annotations
@@ -50,8 +55,11 @@ COMBINED_SCORES = tuple(COMBINATIONS)
 NEIGHBOURS = 5
 COMPONENTS = 50
 # The score cells are flagged by: of the scores benchmarks/results/novelty/ measured (leave one type out), the one
-# with the best AUROC among those that flag few known cells of rare types.
-DEFAULT_SCORE = "knn_energy"
+# with the best AUROC; then the best a model and input without its parts can compute (scBERT v1 has no embedding).
+SCORE_PREFERENCE = ("knn_mahalanobis_energy", "knn_energy", "energy")
+DEFAULT_SCORE = SCORE_PREFERENCE[0]
+GATE_SCORE = "class_scaled_knn"
+GATE_QUANTILE = 0.5
 # A folder fine-tuned before the detector existed falls back to scBERT's rule: top probability below 0.5.
 SCBERT_RULE = {"score": "max_probability", "thresholds": {"max_probability": 0.5}, "fitted_on": "scBERT's fixed rule"}
 
@@ -209,12 +217,27 @@ def fit_novelty_detector(train: dict, validation: dict, num_classes: int, false_
     scores.update({name: _combine(name, scores, statistics) for name, (parts, _) in COMBINATIONS.items()
                    if set(parts) <= set(scores)})
     thresholds = {name: float(np.quantile(values, 1.0 - false_flag_rate)) for name, values in scores.items()}
-    # The default, or a logit score for a model and input that cannot compute it (no embedding, no expression).
-    settings = {"score": DEFAULT_SCORE if DEFAULT_SCORE in thresholds else "energy", "thresholds": thresholds,
+    settings = {"score": next(name for name in SCORE_PREFERENCE if name in thresholds), "thresholds": thresholds,
                 "false_flag_rate": false_flag_rate,
                 "fitted_on": f"statistics: {len(train['labels'])} training cells; thresholds: "
                              f"{len(validation['logits'])} validation cells"}
+    if GATE_SCORE in scores:
+        settings["gate"] = {"score": GATE_SCORE, "threshold": float(np.quantile(scores[GATE_SCORE], GATE_QUANTILE))}
     return settings, statistics
+
+
+def detector_score_names(settings: dict) -> list[str]:
+    """The scores `flag_novel` reads: the detector's own and its gate's."""
+    gate = settings.get("gate")
+    return [settings["score"]] + ([gate["score"]] if gate else [])
+
+
+def flag_novel(scores: dict[str, np.ndarray], settings: dict) -> np.ndarray:
+    """The detector's decision per cell: its score above its threshold, and its gate's score above the gate's."""
+    score = settings["score"]
+    flagged = scores[score] > settings["thresholds"][score]
+    gate = settings.get("gate")
+    return flagged & (scores[gate["score"]] > gate["threshold"]) if gate else flagged
 
 
 def save_statistics(statistics: dict[str, np.ndarray], folder: str | os.PathLike) -> None:
