@@ -41,6 +41,12 @@ def non_negative_finite(value: float):
 
 
 @as_validated_field
+def non_negative_finite_or_none(value: float | None):
+    if value is not None and not (math.isfinite(value) and value >= 0):
+        raise ValueError(f"Value must be a finite number >= 0 or None, got {value}.")
+
+
+@as_validated_field
 def class_frequencies(value: list[float] | None):
     if value is not None and not (value and all(math.isfinite(p) and p > 0 for p in value)):
         raise ValueError(f"Value must be None or a non-empty list of finite numbers > 0, got {value}.")
@@ -50,12 +56,19 @@ def class_frequencies(value: list[float] | None):
 def novelty_settings(value: dict | None):
     if value is None:
         return
+    def finite(t):
+        return isinstance(t, (int, float)) and math.isfinite(t)
+
     thresholds = value.get("thresholds") if isinstance(value, dict) else None
+    gate = value.get("gate") if isinstance(value, dict) else None
     if not (isinstance(thresholds, dict) and value.get("score") in thresholds
-            and all(isinstance(t, (int, float)) and math.isfinite(t) for t in thresholds.values())):
+            and all(finite(t) for t in thresholds.values())
+            and (gate is None or (isinstance(gate, dict) and gate.get("score") in thresholds
+                                  and finite(gate.get("threshold"))))):
         raise ValueError(
-            "Value must be None or a dict with `score` (the novelty score the annotation flags by) and `thresholds` "
-            f"(score name -> finite threshold, holding `score`), got {value}."
+            "Value must be None or a dict with `score` (the novelty score the annotation flags by), `thresholds` "
+            "(score name -> finite threshold, holding `score`) and optionally `gate` ({`score`: a score of "
+            f"`thresholds`, `threshold`: finite}}), got {value}."
         )
 
 
