@@ -56,6 +56,7 @@ def test_annotate_streams_an_h5ad_and_returns_every_cell_in_order(classifier, wi
                     "--chunk-size", "17", "--batch-size", "8", "--no-progress-bar"])
     printed = capsys.readouterr().out
     assert "flagged as a type the model was not trained on" in printed and "cells/s" in printed
+    assert "and class_scaled_knn > " in printed  # the gate is part of the rule printed
 
     annotated = ad.read_h5ad(tmp_path / "out.h5ad")
     assert list(annotated.obs_names) == list(with_odd_cells.obs_names)

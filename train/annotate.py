@@ -357,8 +357,11 @@ def print_summary(summary: dict, output: Path) -> None:
     for name, count in summary["counts"].items():
         print(f"{name:<28} {count['cells']:>8,} {count['cells'] / cells:>7.1%} {count['novel']:>14,}")
     novelty = summary["novelty"]
+    rule = f"{novelty['score']} > {novelty['threshold']:.4g}"
+    if "gate_score" in novelty:
+        rule += f" and {novelty['gate_score']} > {novelty['gate_threshold']:.4g}"
     print(f"\n{summary['novel']:,} of {cells:,} cells ({summary['novel'] / cells:.1%}) flagged as a type the model was "
-          f"not trained on ({novelty['score']} > {novelty['threshold']:.4g}); {summary['unassigned']:,} unassigned "
+          f"not trained on ({rule}); {summary['unassigned']:,} unassigned "
           f"(fewer than {summary['min_genes']} vocabulary genes expressed).")
     print(f"{cells:,} cells in {summary['seconds']:.1f} s ({summary['cells_per_second']:.1f} cells/s): {output}")
 
