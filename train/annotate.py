@@ -11,7 +11,7 @@ Cells are read in chunks (an .h5ad stays on disk, so a file larger than memory s
 by the folder's tokenizer, batched in order of length within each chunk (little padding) and run under
 `torch.inference_mode`. Every input cell comes back, in the input's order: a cell that expresses fewer than
 ``min_genes`` vocabulary genes is "unassigned", with the reason in `obs["scbert_unassigned_reason"]`. A cell of a type
-the model was not trained on is flagged by the folder's novelty detector (train/novelty.py: score and threshold
+the model was not trained on is flagged by the folder's novelty detector (train/novelty.py: score, threshold and gate
 chosen at fine-tuning time, in config.json); `scbert_cell_type` still names the closest known type. The cell
 embedding is the vector the classification head reads (its pooling).
 """
