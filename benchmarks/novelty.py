@@ -173,7 +173,7 @@ def render(results: dict) -> str:
             if rule not in summary:
                 continue
             s = summary[rule]
-            threshold = {"scbert_rule": "fixed 0.5"}.get(rule, "saved, validation")
+            threshold = "fixed 0.5" if rule == "scbert_rule" else "saved, validation"
             name = names[rule] if rule in names else names[rule.removesuffix("_gated")] + ", behind the gate"
             lines.append(f"| {name} ({threshold}) | {s['auroc']:.3f} | {s['novel_flagged']:.1%} | "
                          f"{s['known_flagged']:.1%} | {s['known_macro_f1_with_flagging']:.3f} "

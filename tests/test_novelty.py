@@ -183,29 +183,6 @@ def test_combined_scores_catch_novel_cells_that_only_one_of_their_parts_sees():
         assert np.mean(validation_scores > settings["thresholds"][name]) == pytest.approx(0.05, abs=0.011)
 
 
-def test_knn_energy_spares_the_known_cells_of_a_rare_type_the_encoder_pulled_together():
-    """The encoder packs a rare type's few training cells tight; its unseen cells spread as wide as a common type's
-    do, further than the training cells' covariance expects (benchmarks/results/novelty/, Baron)."""
-    rng = np.random.default_rng(0)
-    centres = 4.0 * np.eye(3, 30)
-
-    def cells(counts, rare_spread):
-        labels = np.repeat(np.arange(3), counts)
-        spread = np.where(labels == 2, rare_spread, 0.3)[:, None]
-        embeddings = centres[labels, :8] + spread * rng.standard_normal((len(labels), 8))
-        return {"logits": embeddings @ centres[:, :8].T, "embeddings": embeddings, "labels": labels,
-                "expression": gaussian_cells(rng, centres, labels, 0.5 * np.ones(3))}
-
-    # No validation cell of the rare type, as in Baron's rarest types.
-    train, validation, test = cells([300, 300, 6], 0.05), cells([100, 100, 0], 0.3), cells([100, 100, 30], 0.6)
-    settings, statistics = fit_novelty_detector(train, validation, 3, 0.05)
-    scores = novelty_scores(test["logits"], test["embeddings"], statistics, test["expression"])
-    rare = test["labels"] == 2
-    flagged = {name: np.mean(scores[name][rare] > settings["thresholds"][name])
-               for name in ("mahalanobis", "combined", "knn_energy")}
-    assert flagged["mahalanobis"] > 0.8 and flagged["combined"] > 0.5 and flagged["knn_energy"] < 0.25, flagged
-
-
 def rare_type_cells(rng, counts, rare_spread, novel: int = 0):
     """Types 0-1 common, 2 rare (the encoder packs its training cells within ``rare_spread``), then ``novel`` cells
     of a type 3 that is new in expression and in the embedding."""
@@ -215,6 +192,21 @@ def rare_type_cells(rng, counts, rare_spread, novel: int = 0):
     embeddings = centres[labels, :8] + spread * rng.standard_normal((len(labels), 8))
     return {"logits": embeddings @ centres[:3, :8].T, "embeddings": embeddings, "labels": labels,
             "expression": gaussian_cells(rng, centres, labels, 0.5 * np.ones(4))}
+
+
+def test_knn_energy_spares_the_known_cells_of_a_rare_type_the_encoder_pulled_together():
+    """The encoder packs a rare type's few training cells tight; its unseen cells spread as wide as a common type's
+    do, further than the training cells' covariance expects (benchmarks/results/novelty/, Baron)."""
+    rng = np.random.default_rng(0)
+    # No validation cell of the rare type, as in Baron's rarest types.
+    train, validation = rare_type_cells(rng, [300, 300, 6], 0.05), rare_type_cells(rng, [100, 100, 0], 0.3)
+    test = rare_type_cells(rng, [100, 100, 30], 0.6)
+    settings, statistics = fit_novelty_detector(train, validation, 3, 0.05)
+    scores = novelty_scores(test["logits"], test["embeddings"], statistics, test["expression"])
+    rare = test["labels"] == 2
+    flagged = {name: np.mean(scores[name][rare] > settings["thresholds"][name])
+               for name in ("mahalanobis", "combined", "knn_energy")}
+    assert flagged["mahalanobis"] > 0.8 and flagged["combined"] > 0.5 and flagged["knn_energy"] < 0.25, flagged
 
 
 def test_the_gate_is_the_validation_median_of_the_class_scaled_knn_and_only_takes_flags_away():
