@@ -9,7 +9,10 @@ from transformers import get_cosine_schedule_with_warmup
 
 import modeling_scbert
 from tokenization import GeneExpressionTokenizer
-from train.genes import dataset_matrix, highly_variable_genes, initialise_gene_embeddings, svd_gene_embeddings
+import pytest
+
+from train.genes import (align_gene_embeddings, dataset_matrix, highly_variable_genes, initialise_gene_embeddings,
+                         svd_gene_embeddings)
 
 
 def test_dataset_matrix_rebuilds_the_selected_cells_exactly(baron_small):
@@ -54,6 +57,19 @@ def test_initialise_gene_embeddings_loads_the_svd_rows_after_the_special_tokens(
     reference = untouched.get_input_embeddings().weight.detach().clone()
     initialise_gene_embeddings(untouched, dataset, tok, random_args)
     torch.testing.assert_close(untouched.get_input_embeddings().weight.detach(), reference)
+
+
+def test_alignment_finds_the_rotation_from_the_shared_genes_and_applies_it_to_every_gene():
+    rng = np.random.default_rng(0)
+    reference = rng.normal(size=(300, 16))
+    rotation, _ = np.linalg.qr(rng.normal(size=(16, 16)))
+    vectors = reference @ rotation.T
+    shared = np.arange(0, 300, 3)  # a third of the genes pin the rotation down; the rest follow
+    aligned = align_gene_embeddings(vectors, reference, shared)
+    np.testing.assert_allclose(aligned, reference, atol=1e-5)
+    np.testing.assert_allclose(aligned @ aligned.T, vectors @ vectors.T, atol=1e-4)  # distances between genes kept
+    with pytest.raises(ValueError, match="at least as many shared genes as its width"):
+        align_gene_embeddings(vectors, reference, shared[:15])
 
 
 def test_whitened_svd_gives_every_component_the_same_weight(baron_small):

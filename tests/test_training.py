@@ -666,6 +666,9 @@ def test_finetune_freezes_the_gene_table_and_balances_classes(finetune_data, tmp
     with pytest.raises(ValueError, match="freeze_gene_embeddings applies to scBERT 2.0"):
         finetune.main(finetune_args(finetune_data, tmp_path / "v1", "--architecture", "scbert-small", "--max_steps",
                                     "1", "--no_baseline", "--freeze_gene_embeddings"))
+    with pytest.raises(ValueError, match="--gene_table aligned turns the SVD table onto scBERT 2.0"):
+        finetune.main(finetune_args(finetune_data, tmp_path / "v1", "--architecture", "scbert-small", "--max_steps",
+                                    "1", "--no_baseline", "--gene_table", "aligned"))
 
 
 @pytest.mark.parametrize("flag,expected", [((), True), (("--no-expression_pooling",), False)])
@@ -1262,3 +1265,16 @@ def test_finetuning_a_checkpoint_keeps_or_replaces_its_gene_table(pretrain_data,
                                 "--freeze_gene_embeddings", "--num_epochs", "1", "--no_baseline"))
     tuned = weights(output / "model")["model.embeddings.gene_embeddings.weight"]
     assert torch.equal(tuned, table) == (gene_table == "pretrained")
+
+
+def test_the_aligned_gene_table_is_the_data_table_turned_toward_the_checkpoints(pretrain_data, finetune_data, tmp_path):
+    pretrained = pretrain.main(pretrain_args(pretrain_data, tmp_path / "pt", "scbert2-tiny", "--max_steps", "1"))
+    checkpoint = weights(pretrained)["model.embeddings.gene_embeddings.weight"][3:].double()
+    tables = {}
+    for gene_table in ("data", "aligned"):
+        finetune.main(finetune_args(finetune_data, tmp_path / gene_table, "--model", str(pretrained), "--gene_table",
+                                    gene_table, "--freeze_gene_embeddings", "--num_epochs", "1", "--no_baseline"))
+        tables[gene_table] = weights(tmp_path / gene_table / "model")["model.embeddings.gene_embeddings.weight"][3:].double()
+    data, aligned = tables["data"], tables["aligned"]
+    torch.testing.assert_close(aligned @ aligned.T, data @ data.T, atol=1e-4, rtol=1e-4)  # a rotation of it
+    assert torch.dist(aligned, checkpoint) < torch.dist(data, checkpoint)

@@ -68,16 +68,36 @@ def svd_gene_embeddings(matrix, hidden_size: int, std: float, seed: int, whiten:
     return vectors * (std / vectors.std())
 
 
-def initialise_gene_embeddings(model, dataset, tokenizer: GeneExpressionTokenizer, args: argparse.Namespace) -> None:
+def align_gene_embeddings(vectors: np.ndarray, reference: np.ndarray, genes: np.ndarray) -> np.ndarray:
+    """``vectors`` (genes x width) turned by the rotation (orthogonal Procrustes) that brings the rows ``genes`` closest
+    to the same rows of ``reference``: an SVD table's axes are arbitrary (any rotation of it is as good), while
+    pretrained layers expect the axes of the table they were trained with. Distances between genes are unchanged."""
+    from scipy.linalg import orthogonal_procrustes
+
+    if genes.size < vectors.shape[1]:
+        raise ValueError(f"Aligning the gene table needs at least as many shared genes as its width ({vectors.shape[1]}); "
+                         f"the cells express {genes.size} genes of the vocabulary.")
+    rotation, _ = orthogonal_procrustes(vectors[genes], reference[genes])
+    return (vectors @ rotation).astype(np.float32)
+
+
+def initialise_gene_embeddings(model, dataset, tokenizer: GeneExpressionTokenizer, args: argparse.Namespace,
+                               align: bool = False) -> None:
     """Applies ``--gene_embedding_init svd`` / ``svd_whitened`` to a model: scBERT 2.0's gene table, or scBERT v1's
     frozen positional table, where scBERT has gene2vec (itself an embedding of gene co-expression). Without it v1
-    cannot tell its genes apart, and from scratch it learns only the class prior."""
+    cannot tell its genes apart, and from scratch it learns only the class prior. With ``align`` (a pretrained
+    scBERT 2.0), the SVD table is first rotated onto the model's own table over the genes the cells express."""
     if not args.gene_embedding_init.startswith("svd"):
         return
     if model.config.model_type == "scbert" and not model.config.use_gene2vec:
         return
-    vectors = svd_gene_embeddings(dataset_matrix(dataset, tokenizer), model.config.hidden_size, args.gene_embedding_std,
+    matrix = dataset_matrix(dataset, tokenizer)
+    vectors = svd_gene_embeddings(matrix, model.config.hidden_size, args.gene_embedding_std,
                                   args.seed, whiten=args.gene_embedding_init == "svd_whitened")
+    if align:
+        table = model.get_input_embeddings().weight.detach().float().cpu().numpy()
+        expressed = np.flatnonzero(matrix.getnnz(axis=0) > 0)
+        vectors = align_gene_embeddings(vectors, table[-vectors.shape[0]:], expressed)
     if model.config.model_type == "scbert2":
         model.load_gene_embeddings(vectors)
     else:
