@@ -1271,10 +1271,12 @@ def test_the_aligned_gene_table_is_the_data_table_turned_toward_the_checkpoints(
     pretrained = pretrain.main(pretrain_args(pretrain_data, tmp_path / "pt", "scbert2-tiny", "--max_steps", "1"))
     checkpoint = weights(pretrained)["model.embeddings.gene_embeddings.weight"][3:].double()
     tables = {}
-    for gene_table in ("data", "aligned"):
-        finetune.main(finetune_args(finetune_data, tmp_path / gene_table, "--model", str(pretrained), "--gene_table",
-                                    gene_table, "--freeze_gene_embeddings", "--num_epochs", "1", "--no_baseline"))
+    for gene_table in ("data", "aligned", "default"):
+        flag = () if gene_table == "default" else ("--gene_table", gene_table)
+        finetune.main(finetune_args(finetune_data, tmp_path / gene_table, "--model", str(pretrained), *flag,
+                                    "--freeze_gene_embeddings", "--num_epochs", "1", "--no_baseline"))
         tables[gene_table] = weights(tmp_path / gene_table / "model")["model.embeddings.gene_embeddings.weight"][3:].double()
     data, aligned = tables["data"], tables["aligned"]
     torch.testing.assert_close(aligned @ aligned.T, data @ data.T, atol=1e-4, rtol=1e-4)  # a rotation of it
     assert torch.dist(aligned, checkpoint) < torch.dist(data, checkpoint)
+    torch.testing.assert_close(tables["default"], aligned)

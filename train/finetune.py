@@ -107,8 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "0.560 without (logistic regression 0.621)")
     parser.add_argument("--gene_dropout", type=float, default=0.3,
                         help="augmentation: share of each training cell's expressed genes dropped per epoch")
-    parser.add_argument("--gene_table", choices=["aligned", "data", "pretrained"], default="aligned",
-                        help="with --model: the gene embedding table under the pretrained encoder layers. aligned: "
+    parser.add_argument("--gene_table", choices=["aligned", "data", "pretrained"], default=None,
+                        help="with --model: the gene embedding table under the pretrained encoder layers (default: "
+                             "aligned for scBERT 2.0, data for scBERT v1's positional table). aligned: "
                              "this data's SVD table (--gene_embedding_init, as from scratch) turned onto the "
                              "pretrained table's axes, which the layers were trained on; data: the SVD table as it "
                              "comes; pretrained: keep the checkpoint's table (the small corpus leaves the vectors of "
@@ -257,10 +258,11 @@ def build_classifier(args: argparse.Namespace, tokenizer: GeneExpressionTokenize
     if args.gene_table == "aligned" and tokenizer.mode != "scbert2":
         raise ValueError("--gene_table aligned turns the SVD table onto scBERT 2.0's pretrained gene table; scBERT v1 "
                          "has none. Use --gene_table data or pretrained.")
+    gene_table = args.gene_table or ("aligned" if tokenizer.mode == "scbert2" else "data")
     if args.model and not args.from_scratch:
         model = AutoModelForSequenceClassification.from_pretrained(args.model, **labels, **pooling, **attention)
-        if args.gene_table in ("data", "aligned"):
-            initialise_gene_embeddings(model, train_cells, tokenizer, args, align=args.gene_table == "aligned")
+        if gene_table in ("data", "aligned"):
+            initialise_gene_embeddings(model, train_cells, tokenizer, args, align=gene_table == "aligned")
     else:
         config = (AutoConfig.from_pretrained(args.model, **labels, **pooling) if args.model
                   else architecture_config(args.architecture, tokenizer, **labels, **pooling))
