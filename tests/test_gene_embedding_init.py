@@ -4,13 +4,12 @@ positional one."""
 import argparse
 
 import numpy as np
+import pytest
 import torch
 from transformers import get_cosine_schedule_with_warmup
 
 import modeling_scbert
 from tokenization import GeneExpressionTokenizer
-import pytest
-
 from train.genes import (align_gene_embeddings, dataset_matrix, highly_variable_genes, initialise_gene_embeddings,
                          svd_gene_embeddings)
 
