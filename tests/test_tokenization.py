@@ -210,6 +210,24 @@ def test_selected_genes_restrict_tokens_round_trip_and_keep_cells_without_any(ba
     np.testing.assert_array_equal(loaded(baron_small[:3])["input_ids"], batch["input_ids"])
 
 
+@pytest.mark.parametrize("max_length", [None, 24])
+@pytest.mark.parametrize("add_cls_token", [True, False])
+def test_token_lengths_are_the_collated_lengths(baron_small, max_length, add_cls_token):
+    tok = baron_tokenizer(baron_small, mode="scbert2", max_length=max_length, add_cls_token=add_cls_token)
+    cells = baron_small[:40]
+    expressed = np.diff(sp.csr_matrix(cells.X).indptr)
+    counts = sp.csr_matrix(cells.X).toarray()
+    only_in_first = np.flatnonzero((counts[0] > 0) & (counts[1] == 0))[:30]  # the second cell has none of them
+    tok.selected_genes = list(baron_small.var_names[only_in_first])
+    X = tok.encode_matrix(cells)
+    lengths = tok.token_lengths(X)
+    assert lengths[1] == min(expressed[1] + add_cls_token, max_length or np.inf)  # nothing selected: all it has
+    np.testing.assert_array_equal(lengths, tok.collate(list(tok._iter_cells(X)))["attention_mask"].sum(1))
+    assert (lengths < expressed).any()  # the selection (and the cap) shorten cells: expressed counts overstate them
+    v1 = baron_tokenizer(baron_small, mode="scbert")
+    assert set(v1.token_lengths(v1.encode_matrix(cells))) == {v1.sequence_length}
+
+
 def test_bad_selected_genes_are_refused(baron_small):
     tok = baron_tokenizer(baron_small, mode="scbert2")
     with pytest.raises(ValueError, match="not in the vocabulary: \\['NOT_A_GENE'\\]"):

@@ -1267,6 +1267,17 @@ def test_finetuning_a_checkpoint_keeps_or_replaces_its_gene_table(pretrain_data,
     assert torch.equal(tuned, table) == (gene_table == "pretrained")
 
 
+def test_max_length_replaces_the_checkpoints_token_budget(pretrain_data, finetune_data, tmp_path):
+    pretrained = pretrain.main(pretrain_args(pretrain_data, tmp_path / "pt", "scbert2-tiny", "--max_steps", "1"))
+    output = tmp_path / "ft"
+    finetune.main(finetune_args(finetune_data, output, "--model", str(pretrained), "--num_epochs", "1",
+                                "--no_baseline", "--max_length", "16"))
+    tokenizer = GeneExpressionTokenizer.from_pretrained(output / "model")
+    assert GeneExpressionTokenizer.from_pretrained(pretrained).max_length == 64 and tokenizer.max_length == 16
+    batch = tokenizer(ad_read(finetune_data)[:8], return_tensors="pt")
+    assert batch["input_ids"].shape[1] == 16  # CLS + the 15 most expressed selected genes
+
+
 def test_the_aligned_gene_table_is_the_data_table_turned_toward_the_checkpoints(pretrain_data, finetune_data, tmp_path):
     pretrained = pretrain.main(pretrain_args(pretrain_data, tmp_path / "pt", "scbert2-tiny", "--max_steps", "1"))
     checkpoint = weights(pretrained)["model.embeddings.gene_embeddings.weight"][3:].double()

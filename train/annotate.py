@@ -44,7 +44,7 @@ def run_model(model, tokenizer, X: sp.csr_matrix, batch_size: int, progress=None
     """Logits ``[cells, classes]`` and pooled embeddings ``[cells, width]`` (None for a head without them) of the
     cells x vocabulary matrix ``X``, in its row order; batches of cells of similar length."""
     cells = list(tokenizer._iter_cells(X))
-    order = np.argsort([len(cell["gene_ids"]) for cell in cells], kind="stable")
+    order = np.argsort(tokenizer.token_lengths(X), kind="stable")
     model.eval()
     logits, embeddings = [None] * len(cells), [None] * len(cells)
     multiple = padding_multiple(model, tokenizer)

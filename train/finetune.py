@@ -61,8 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "weights: what the pretraining is worth, on the same inputs")
     parser.add_argument("--gene_key", default=None)
     parser.add_argument("--max_length", type=int,
-                        help="from scratch, scBERT 2.0: tokens per cell at most (the most expressed of the selected "
-                             "genes); 512 keeps every expressed highly variable gene of nearly every cell")
+                        help="scBERT 2.0: tokens per cell at most (the most expressed of the selected genes), from "
+                             "scratch or in place of --model's saved value; 512 keeps every expressed highly variable "
+                             "gene of nearly every cell, fewer annotate faster")
     parser.add_argument("--test_size", type=float, default=0.2)
     parser.add_argument("--validation_size", type=float, default=0.1)
     parser.add_argument("--kfold", type=int, default=None, help="use fold --fold of a stratified k-fold as test set")
@@ -231,7 +232,9 @@ def load_labelled_cells(args: argparse.Namespace, accelerator):
         raise KeyError(f"--label_key {args.label_key!r} is not a column of {args.data}'s obs "
                        f"(columns: {list(adata.obs.columns)}).")
     if args.model:
-        _, tokenizer = load_pretrained_folder(args.model, **tokenizer_overrides(args))
+        config, _ = load_pretrained_folder(args.model)
+        token_budget = {"max_length": args.max_length} if config.model_type == "scbert2" else {}  # v1 reads every gene
+        _, tokenizer = load_pretrained_folder(args.model, **token_budget, **tokenizer_overrides(args))
     else:
         tokenizer = GeneExpressionTokenizer.from_adata(adata, gene_key=args.gene_key,
                                                        mode=architecture_mode(args.architecture),
