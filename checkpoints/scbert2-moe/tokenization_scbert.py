@@ -587,6 +587,19 @@ class GeneExpressionTokenizer(PushToHubMixin):
             "cu_seq_lens_k": cu_seq_lens.copy(),
         }
 
+    def token_lengths(self, X: sp.csr_matrix) -> np.ndarray:
+        """Tokens each row of a cells x vocabulary matrix gets from `collate` (CLS included, padding not): the
+        lengths to batch cells by, which the expressed genes alone overstate where genes are selected or capped."""
+        if self.mode != "scbert2":
+            return np.full(X.shape[0], self.sequence_length, dtype=np.int64)
+        expressed = np.diff(X.indptr)
+        if self._selected_ids is not None:
+            selected = np.diff(X[:, self._selected_ids - self.num_special_tokens].tocsr().indptr)
+            expressed = np.where(selected > 0, selected, expressed)  # as _select_genes: none selected, all kept
+        offset = 1 if self.add_cls_token else 0
+        budget = None if self.max_length is None else self.max_length - offset
+        return offset + (expressed if budget is None else np.minimum(expressed, budget))
+
     def _select_genes(self, cell: dict[str, Any], budget: int | None) -> tuple[np.ndarray, np.ndarray]:
         ids = np.asarray(cell["gene_ids"], dtype=np.int64)
         vals = np.asarray(cell["values"], dtype=np.float32)
