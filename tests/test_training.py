@@ -944,14 +944,16 @@ def test_main_job_starts_from_a_pretrained_folder_and_annotates_every_cell(pretr
     with pytest.raises(FileNotFoundError, match="is not a model folder"):
         main_job.main(["--data", str(finetune_data), "--model", str(tmp_path), "--output_dir", str(output)])
     results = main_job.main(["--data", str(finetune_data), "--model", str(pretrained), "--output_dir", str(output),
-                             "--pretrain_epochs", "1", "--finetune_epochs", "1", "--highly_variable_genes", "40"])
+                             "--pretrain_epochs", "1", "--finetune_epochs", "1", "--highly_variable_genes", "40",
+                             "--max_length", "48"])
     folder = output / "model"
     model = AutoModelForSequenceClassification.from_pretrained(folder)
     assert model.config.id2label == dict(enumerate(sorted(FINETUNE_CLASSES)))
     assert json.loads((folder / "results.json").read_text()) == json.loads(json.dumps(results))
     assert results["pretrain"]["steps"] > 0 and "baseline_logistic_regression_l1" in results
     assert results["pretrained_from"] == str(output / "pretrain" / "model")  # continued pretraining, then fine-tuning
-    assert 40 <= len(GeneExpressionTokenizer.from_pretrained(folder).selected_genes) <= 80
+    tokenizer = GeneExpressionTokenizer.from_pretrained(folder)
+    assert 40 <= len(tokenizer.selected_genes) <= 80 and tokenizer.max_length == 48
     assert not any(name.endswith((".bin", ".pt", ".pkl")) for name in os.listdir(folder))  # safetensors only
     # Every input cell, in order, with its prediction, confidence, split and embedding; and the UMAP.
     annotated, original = ad.read_h5ad(output / "annotated.h5ad"), ad.read_h5ad(finetune_data)

@@ -41,6 +41,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--highly_variable_genes", type=int, default=2000,
                         help="fine-tuning draws the tokens from the highly variable genes of the training cells, as "
                              "finetune.py does by default (0: the most expressed genes)")
+    parser.add_argument("--max_length", type=int, default=512,
+                        help="tokens per cell at most (the most expressed of those genes): 256 annotates about 1.5x "
+                             "faster (benchmarks/results/annotate_speed/README.md)")
     parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("--learning_rate", type=float, default=2e-3)
     parser.add_argument("--seed", type=int, default=42)
@@ -79,6 +82,7 @@ def main(argv=None) -> dict:
     run_stage(args.launcher, "train.finetune", [
         "--data", args.data, "--label_key", args.label_key, "--model", model, "--num_epochs",
         str(args.finetune_epochs), "--patience", "5", "--highly_variable_genes", str(args.highly_variable_genes),
+        "--max_length", str(args.max_length),
         "--output_dir", str(output / "finetune"), *common])
     results = json.loads((output / "finetune" / "results.json").read_text())
     if args.pretrain_epochs:
