@@ -42,7 +42,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="fine-tuning draws the tokens from the highly variable genes of the training cells, as "
                              "finetune.py does by default (0: the most expressed genes)")
     parser.add_argument("--max_length", type=int, default=512,
-                        help="tokens per cell at most (the most expressed of those genes): 256 annotates about 1.5x "
+                        help="tokens per cell at most (the most expressed of those genes): 256 annotates about 1.4x "
                              "faster (benchmarks/results/annotate_speed/README.md)")
     parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("--learning_rate", type=float, default=2e-3)
