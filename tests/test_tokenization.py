@@ -414,6 +414,12 @@ def test_bad_settings_are_refused():
         GeneExpressionTokenizer(genes=["<pad>"])
     with pytest.raises(ValueError, match="at least one gene"):
         GeneExpressionTokenizer(genes=[])
+    with pytest.raises(ValueError, match="max_length must be >= 2 or None, got 1"):
+        GeneExpressionTokenizer(genes=["A"], max_length=1)
+    tokenizer = GeneExpressionTokenizer(genes=["A"], max_length=8)
+    with pytest.raises(ValueError, match="max_length must be >= 2 or None, got 1"):
+        tokenizer.max_length = 1  # as `finetune --max_length` sets a loaded folder's
+    assert tokenizer.max_length == 8
 
 
 def test_missing_label_column_is_named(baron_small):

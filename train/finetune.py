@@ -233,9 +233,9 @@ def load_labelled_cells(args: argparse.Namespace, accelerator):
         raise KeyError(f"--label_key {args.label_key!r} is not a column of {args.data}'s obs "
                        f"(columns: {list(adata.obs.columns)}).")
     if args.model:
-        config, _ = load_pretrained_folder(args.model)
-        token_budget = {"max_length": args.max_length} if config.model_type == "scbert2" else {}  # v1 reads every gene
-        _, tokenizer = load_pretrained_folder(args.model, **token_budget, **tokenizer_overrides(args))
+        config, tokenizer = load_pretrained_folder(args.model, **tokenizer_overrides(args))
+        if config.model_type == "scbert2":  # v1 reads every gene of its panel
+            tokenizer.max_length = args.max_length
     else:
         tokenizer = GeneExpressionTokenizer.from_adata(adata, gene_key=args.gene_key,
                                                        mode=architecture_mode(args.architecture),

@@ -190,8 +190,6 @@ class GeneExpressionTokenizer(PushToHubMixin):
             raise ValueError(f"The vocabulary has duplicate gene symbols (case-insensitive), e.g. {repeated}.")
         if num_bins < 1:
             raise ValueError(f"num_bins must be >= 1, got {num_bins}.")
-        if max_length is not None and max_length < 2:
-            raise ValueError(f"max_length must be >= 2 or None, got {max_length}.")
         if not 0.0 <= min_overlap <= 1.0:
             raise ValueError(f"min_overlap must be in [0, 1], got {min_overlap}.")
         self.genes = genes
@@ -208,6 +206,16 @@ class GeneExpressionTokenizer(PushToHubMixin):
         self.last_report: GeneMatchReport | None = None
         self.selected_genes = selected_genes
         _warn_about_legacy_augmentation(unused_kwargs)
+
+    @property
+    def max_length(self) -> int | None:
+        return self._max_length
+
+    @max_length.setter
+    def max_length(self, max_length: int | None) -> None:
+        if max_length is not None and max_length < 2:
+            raise ValueError(f"max_length must be >= 2 or None, got {max_length}.")
+        self._max_length = max_length
 
     @property
     def selected_genes(self) -> list[str] | None:
@@ -545,9 +553,13 @@ class GeneExpressionTokenizer(PushToHubMixin):
             input_ids[row, positions] = self.bin_values(np.asarray(cell["values"], dtype=np.float32))
         return {"input_ids": input_ids, "attention_mask": np.ones_like(input_ids)}
 
-    def _collate_expressed(self, cells: Sequence[dict[str, Any]], packed: bool, multiple: int) -> dict[str, np.ndarray]:
+    def _gene_budget(self) -> tuple[int, int | None]:
+        """The CLS offset (1 or 0) and how many genes a cell keeps at most (None: all)."""
         offset = 1 if self.add_cls_token else 0
-        budget = None if self.max_length is None else self.max_length - offset
+        return offset, None if self.max_length is None else self.max_length - offset
+
+    def _collate_expressed(self, cells: Sequence[dict[str, Any]], packed: bool, multiple: int) -> dict[str, np.ndarray]:
+        offset, budget = self._gene_budget()
         chosen = [self._select_genes(cell, budget) for cell in cells]
         if packed:
             return self._pack_expressed(chosen, offset)
@@ -596,8 +608,7 @@ class GeneExpressionTokenizer(PushToHubMixin):
         if self._selected_ids is not None:
             selected = np.diff(X[:, self._selected_ids - self.num_special_tokens].tocsr().indptr)
             expressed = np.where(selected > 0, selected, expressed)  # as _select_genes: none selected, all kept
-        offset = 1 if self.add_cls_token else 0
-        budget = None if self.max_length is None else self.max_length - offset
+        offset, budget = self._gene_budget()
         return offset + (expressed if budget is None else np.minimum(expressed, budget))
 
     def _select_genes(self, cell: dict[str, Any], budget: int | None) -> tuple[np.ndarray, np.ndarray]:
