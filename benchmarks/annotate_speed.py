@@ -24,8 +24,12 @@ import numpy as np
 from benchmarks.annotation_cv import BARON
 
 ROOT = Path(__file__).resolve().parents[1]
-# Runs the command and prints its own peak RSS: RUSAGE_CHILDREN would be the maximum over every size run so far.
-RUNNER = ("import json, resource, sys; from train.annotate import main; summary = main(sys.argv[1:]); "
+# Runs the command as `scbert annotate` does (train.cli sets the process's memory policy first, unless the first
+# argument says glibc's defaults) and prints its own peak RSS: RUSAGE_CHILDREN would be the maximum over every size
+# run so far.
+RUNNER = ("import json, resource, sys; from train.cli import keep_freed_memory; "
+          "keep_freed_memory() if sys.argv[1] == 'keep' else None; "
+          "from train.annotate import main; summary = main(sys.argv[2:]); "
           "print('RESULT ' + json.dumps({'peak_rss_mb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "
           "'annotate_seconds': summary['seconds'], 'unassigned': summary['unassigned']}))")
 
@@ -35,6 +39,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--model", default=str(ROOT / "outputs" / "main" / "model"))
     parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 10000, 100000])
     parser.add_argument("--batch_size", type=int, default=64)
+    parser.add_argument("--glibc_defaults", action="store_true",
+                        help="run without the memory policy `scbert` sets (train.cli.keep_freed_memory), to measure it")
     parser.add_argument("--name", default=None, help="results file name (default: the model folder's parent name)")
     parser.add_argument("--output_dir", default=str(ROOT / "outputs" / "annotate_speed"))
     parser.add_argument("--results_dir", default=str(ROOT / "benchmarks" / "results" / "annotate_speed"))
@@ -74,13 +80,14 @@ def write_resampled_cells(n_cells: int, path: Path, seed: int = 0, chunk: int = 
         group.create_dataset("indptr", data=np.asarray(indptr, dtype=np.int64))
 
 
-def run_size(model: str, n_cells: int, folder: Path, batch_size: int) -> dict:
+def run_size(model: str, n_cells: int, folder: Path, batch_size: int, glibc_defaults: bool) -> dict:
     cells = folder / f"cells_{n_cells}.h5ad"
     if not cells.exists():
         write_resampled_cells(n_cells, cells)
     output = folder / f"annotated_{n_cells}.h5ad"
-    command = [sys.executable, "-c", RUNNER, str(cells), "--model", model, "--output", str(output), "--overwrite",
-               "--batch-size", str(batch_size), "--no-progress-bar", "--device", "cpu"]
+    policy = "glibc_defaults" if glibc_defaults else "keep"
+    command = [sys.executable, "-c", RUNNER, policy, str(cells), "--model", model, "--output", str(output),
+               "--overwrite", "--batch-size", str(batch_size), "--no-progress-bar", "--device", "cpu"]
     start = time.perf_counter()
     done = subprocess.run(command, check=True, cwd=ROOT, capture_output=True, text=True)
     wall = time.perf_counter() - start
@@ -92,7 +99,8 @@ def run_size(model: str, n_cells: int, folder: Path, batch_size: int) -> dict:
 
 
 def render(results: dict) -> str:
-    lines = [f"### `scbert annotate` end to end, {results['model']} (2 CPU cores)", "",
+    policy = ", glibc's malloc defaults" if results.get("glibc_defaults") else ""
+    lines = [f"### `scbert annotate` end to end, {results['model']} (2 CPU cores{policy})", "",
              "| cells | wall s | cells/s end to end | cells/s (read to write, no start-up) | peak RSS MB | input MB |",
              "|---:|---:|---:|---:|---:|---:|"]
     for row in results["runs"]:
@@ -111,11 +119,13 @@ def main(argv=None) -> dict:
     # Sizes run by an earlier invocation with the same model and batch size stay, unless run again.
     existing = results_dir / f"annotate_speed_{name}.json"
     earlier = json.loads(existing.read_text()) if existing.exists() else {}
+    setting = (args.model, args.batch_size, args.glibc_defaults)
     kept = [row for row in earlier.get("runs", []) if row["cells"] not in args.sizes
-            and (earlier["model"], earlier["batch_size"]) == (args.model, args.batch_size)]
-    runs = sorted(kept + [run_size(args.model, n, folder, args.batch_size) for n in args.sizes], key=lambda r: r["cells"])
-    results = {"model": args.model, "batch_size": args.batch_size, "machine": {"platform": platform.platform()},
-               "runs": runs}
+            and (earlier["model"], earlier["batch_size"], earlier.get("glibc_defaults", False)) == setting]
+    runs = sorted(kept + [run_size(args.model, n, folder, args.batch_size, args.glibc_defaults) for n in args.sizes],
+                  key=lambda r: r["cells"])
+    results = {"model": args.model, "batch_size": args.batch_size, "glibc_defaults": args.glibc_defaults,
+               "machine": {"platform": platform.platform()}, "runs": runs}
     (results_dir / f"annotate_speed_{name}.json").write_text(json.dumps(results, indent=2))
     (results_dir / f"annotate_speed_{name}.md").write_text(render(results))
     print(render(results))

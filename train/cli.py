@@ -10,6 +10,7 @@ Errors print the message a user needs and exit with status 1; `--debug` shows th
 from __future__ import annotations
 
 import argparse
+import ctypes
 import importlib
 import sys
 from typing import Callable
@@ -28,6 +29,37 @@ COMMANDS = {
                 "convert the published scBERT checkpoint (.pth) into a Hub folder"),
     "main": ("train.main", "the end-to-end main job: pretrain, fine-tune, compare with the baseline"),
 }
+
+
+# The commands that run with keep_freed_memory. Training commands keep glibc's defaults: fine-tuning ran 1.1x as fast
+# with it, but the allocator moves floats in their last bits and a fine-tuning run diverges from there (the main job's
+# fine-tuning kept another epoch, 2 test cells apart), so recorded training results would no longer be what their
+# commands give.
+KEEP_FREED_MEMORY = {"annotate"}
+# glibc's mallopt parameters (malloc.h).
+M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
+
+
+def keep_freed_memory() -> None:
+    """Makes glibc keep freed memory for reuse instead of handing large blocks back to the system.
+
+    glibc serves every allocation above its mmap threshold (32 MB at most) with a fresh mmap and unmaps it when freed,
+    so the kernel faults in and zeroes every page of each large activation again: a batch of 64 cells x 262 tokens
+    through scbert2-small's 512-wide feed-forward makes 34 MB tensors, and the kernel took a fifth of the CPU time.
+    Measured on 2 cores, `scbert annotate` of 10,000 Baron cells, two interleaved runs each: 139 cells/s against 111
+    with glibc's defaults, peak memory 1.45 GB against 1.50. This is what the jemalloc / tcmalloc preload of
+    PyTorch's CPU performance guide does, with nothing to install. Up to 256 MB of freed memory stays in the process
+    (1 GB ran 5% faster but let memory grow from 1.6 GB at 10,000 cells to 1.9 GB at 100,000). Other C libraries
+    (musl, macOS) are left as they are.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    libc.mallopt(M_MMAP_MAX, 0)
+    libc.mallopt(M_TRIM_THRESHOLD, 256 << 20)
 
 
 def error_message(error: BaseException) -> str:
@@ -63,6 +95,7 @@ def run_subcommand(command: str, subcommands: dict[str, Callable], doc: str, arg
 
 
 def main(argv: list[str] | None = None) -> None:
+    as_process = argv is None  # the process is this command, so its memory policy is ours to set (not when imported)
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog="scbert", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -70,6 +103,8 @@ def main(argv: list[str] | None = None) -> None:
     for name, (_, help_text) in COMMANDS.items():
         subcommands.add_parser(name, help=help_text, add_help=False)
     command = parser.parse_args(argv[:1]).command
+    if as_process and command in KEEP_FREED_MEMORY:
+        keep_freed_memory()
     run_command(importlib.import_module(COMMANDS[command][0]).main, argv[1:])
 
 
