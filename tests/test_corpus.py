@@ -246,3 +246,17 @@ def test_shipped_checkpoints_load_with_and_without_the_package(folder, tmp_path,
                           str(tmp_path / "out.npy")], cwd=tmp_path, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-2000:]
     np.testing.assert_allclose(np.load(tmp_path / "out.npy"), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("folder", SHIPPED, ids=[p.name for p in SHIPPED])
+def test_shipped_remote_code_is_the_packages_own(folder):
+    """A Hub user runs the folder's copies of the code (trust_remote_code); they must be the package's files, which
+    the tests exercise, not an older version left behind when the package changed."""
+    root = Path(__file__).resolve().parents[1]
+    copies = sorted(folder.glob("*.py"))
+    assert copies, f"{folder} ships no remote code"
+    for copy in copies:
+        sources = [p for p in (root / "modeling_scbert" / copy.name, root / "tokenization" / copy.name) if p.exists()]
+        assert len(sources) == 1, f"{copy} has no single source file in modeling_scbert/ or tokenization/"
+        assert copy.read_bytes() == sources[0].read_bytes(), (
+            f"{copy} differs from {sources[0]}: copy the source over it (or rebuild with checkpoints/build.sh)")
