@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.annotation_cv import BARON
+from train.annotate import BATCH_SIZE
 
 ROOT = Path(__file__).resolve().parents[1]
 # Runs the command as `scbert annotate` does (train.cli sets the process's memory policy first, unless the first
@@ -38,7 +39,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=str(ROOT / "outputs" / "main" / "model"))
     parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 10000, 100000])
-    parser.add_argument("--batch_size", type=int, default=64)
+    parser.add_argument("--batch_size", type=int, default=BATCH_SIZE, help="default: the command's")
     parser.add_argument("--glibc_defaults", action="store_true",
                         help="run without the memory policy `scbert` sets (train.cli.keep_freed_memory), to measure it")
     parser.add_argument("--name", default=None, help="results file name (default: the model folder's parent name)")

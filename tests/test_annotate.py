@@ -152,6 +152,19 @@ def test_bfloat16_batches_come_in_few_lengths_and_padding_changes_no_answer(clas
     np.testing.assert_allclose(padded[1], unpadded[1], atol=0.05)
 
 
+def test_the_batch_size_changes_no_answer(classifier, cells):
+    """The default batch size is a speed setting: cells one at a time (no padding) get the same logits and
+    embeddings, in the input's order."""
+    from train.annotate import BATCH_SIZE, load_classifier, run_model
+
+    model, tokenizer = load_classifier(classifier, "cpu")
+    X = tokenizer.encode_matrix(cells)
+    assert X.shape[0] > BATCH_SIZE
+    batched, alone = run_model(model, tokenizer, X, BATCH_SIZE), run_model(model, tokenizer, X, 1)
+    np.testing.assert_allclose(batched[0], alone[0], atol=1e-4)
+    np.testing.assert_allclose(batched[1], alone[1], atol=1e-4)
+
+
 def test_every_supported_format_gives_the_same_annotation(classifier, cells, tmp_path):
     reference = annotate(cells.copy(), classifier).obs["scbert_cell_type"].astype(str).tolist()
     table = pd.DataFrame(sp.csr_matrix(cells.X).toarray(), index=cells.obs_names, columns=cells.var_names)

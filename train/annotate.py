@@ -37,6 +37,10 @@ from train.novelty import detector_score_names, flag_novel, load_detector, novel
 from train.readers import SUPPORTED, read_cells
 
 UNASSIGNED = "unassigned"
+# Batches of 32 cells ran the model loop 1.07x as fast as batches of 64 on 2 CPU cores, in float32 and bfloat16 alike
+# (Baron cells, 512 tokens: a batch's feed-forward activations, 17 MB instead of 34, stay in the 32 MB L3 cache;
+# benchmarks/results/annotate_speed/README.md).
+BATCH_SIZE = 32
 
 
 @torch.inference_mode()
@@ -70,7 +74,7 @@ def padding_multiple(model, tokenizer) -> int | None:
     return 32 if model.dtype == torch.bfloat16 and tokenizer.mode == "scbert2" else None
 
 
-def predict_cells(model, tokenizer, adata, batch_size: int = 64, gene_key: str | None = None):
+def predict_cells(model, tokenizer, adata, batch_size: int = BATCH_SIZE, gene_key: str | None = None):
     """Logits and pooled embeddings of every cell of ``adata`` (input order), and the tokenizer's match report."""
     X = tokenizer.encode_matrix(adata, gene_key=gene_key)
     return (*run_model(model, tokenizer, X, batch_size), tokenizer.last_report)
@@ -111,7 +115,7 @@ class Annotator:
     model: torch.nn.Module
     tokenizer: object
     source: str
-    batch_size: int = 64
+    batch_size: int = BATCH_SIZE
     min_genes: int = 10
     chunk_size: int = 4096
     detector: dict = field(init=False)
@@ -221,7 +225,7 @@ def obs_columns(results: dict, index) -> pd.DataFrame:
     }, index=index)
 
 
-def annotate(adata, model: str | os.PathLike | torch.nn.Module, tokenizer=None, batch_size: int = 64,
+def annotate(adata, model: str | os.PathLike | torch.nn.Module, tokenizer=None, batch_size: int = BATCH_SIZE,
              gene_key: str | None = None, min_genes: int = 10, chunk_size: int = 4096, device: str | None = None,
              progress: bool = False):
     """Writes the predicted type, its probability, the novelty flag and score, the embedding and what was done into
@@ -261,7 +265,7 @@ def check_output(output: Path, overwrite: bool) -> None:
 
 def annotate_file(path: str | os.PathLike, model: str | os.PathLike, output: str | os.PathLike, *,
                   overwrite: bool = False, genes_in_rows: bool | None = None, gene_key: str | None = None,
-                  batch_size: int = 64, min_genes: int = 10, chunk_size: int = 4096, device: str | None = None,
+                  batch_size: int = BATCH_SIZE, min_genes: int = 10, chunk_size: int = 4096, device: str | None = None,
                   min_overlap: float | None = None, progress: bool = True) -> dict:
     """Annotates the cells of any supported file into ``output`` (.h5ad); returns ``uns["scbert"]`` plus the
     counts per predicted type. An .h5ad streams from disk; the output appears only once complete."""
@@ -380,7 +384,7 @@ def build_parser() -> argparse.ArgumentParser:
                              help="CSV/TSV: cells x genes")
     parser.add_argument("--gene-key", "--gene_key", dest="gene_key", default=None,
                         help=".h5ad: the var column holding gene symbols or Ensembl ids (default: var_names)")
-    parser.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=64)
+    parser.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=BATCH_SIZE)
     parser.add_argument("--chunk-size", "--chunk_size", dest="chunk_size", type=int, default=4096,
                         help="cells read, tokenized and sorted by length at a time")
     parser.add_argument("--min-genes", "--min_genes", dest="min_genes", type=int, default=10,
