@@ -44,6 +44,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "fair one for a scBERT v1 panel)")
     parser.add_argument("--k", type=int, nargs="+", default=[3, 5, 10, 25])
     parser.add_argument("--draws", type=int, default=3)
+    parser.add_argument("--first_draw", type=int, default=0,
+                        help="seed of the first draw (draws first_draw, first_draw + 1, ...): more draws of a k later")
     parser.add_argument("--steps", type=int, default=300, help="optimizer steps per run, about")
     parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("--output_dir", default=str(ROOT / "outputs" / "label_efficiency"))
@@ -82,6 +84,7 @@ def summarise(runs: list[dict]) -> dict:
 def write_report(summary: dict, path: Path) -> None:
     lines = [f"# Label efficiency: {Path(summary['data']).name}", "",
              f"k labelled cells per type (at most half of a type), every other cell tested; {summary['draws']} draws "
+             f"(seeds {summary['first_draw']} to {summary['first_draw'] + summary['draws'] - 1}) "
              f"each; checkpoint `{summary['pretrained']}`; from scratch: "
              f"{'its architecture and genes' if summary.get('scratch') == 'checkpoint' else summary['architecture_from_scratch']}"
              f"; {summary['wall_seconds'] / 60:.1f} min on "
@@ -126,7 +129,7 @@ def main(argv=None) -> dict:
     start, runs = time.perf_counter(), []
     for k in args.k:
         epochs = epochs_for(k, counts, args.steps, args.batch_size)
-        for draw in range(args.draws):
+        for draw in range(args.first_draw, args.first_draw + args.draws):
             out = Path(args.output_dir) / name / f"k{k}" / f"draw{draw}"
             pretrained = run(args, k, draw, ["--model", args.pretrained], out / "pretrained", epochs, extra)
             scratch_source = (["--model", args.pretrained, "--from_scratch"] if args.scratch == "checkpoint"
@@ -136,7 +139,8 @@ def main(argv=None) -> dict:
                          "test_cells": pretrained["split"]["test"], "pretrained": pretrained["model"],
                          "scratch": scratch["model"], "baseline": pretrained["baseline_logistic_regression_l1"]})
     summary = {"data": args.data, "label_key": args.label_key, "pretrained": args.pretrained,
-               "architecture_from_scratch": architecture, "scratch": args.scratch, "draws": args.draws, "steps": args.steps,
+               "architecture_from_scratch": architecture, "scratch": args.scratch, "draws": args.draws,
+               "first_draw": args.first_draw, "steps": args.steps,
                "finetune_args": extra, "class_counts": counts, "wall_seconds": time.perf_counter() - start,
                "machine": {"platform": platform.platform(), "python": platform.python_version()}, "runs": runs}
     summary["table"] = summarise(runs)

@@ -59,12 +59,12 @@ def test_label_efficiency_runs_pretrained_scratch_and_baseline_on_the_same_cells
     out = tmp_path / "results"
     command = [sys.executable, "-m", "benchmarks.label_efficiency", "--data", str(tmp_path / "cells.h5ad"),
                "--pretrained", str(tmp_path / "pt" / "model"), "--architecture", "scbert2-tiny", "--k", "2", "4",
-               "--draws", "2", "--steps", "4", "--output_dir", str(tmp_path / "runs"), "--results_dir", str(out),
-               "--", "--ema_decay", "0", *common]
+               "--draws", "2", "--first_draw", "1", "--steps", "4", "--output_dir", str(tmp_path / "runs"),
+               "--results_dir", str(out), "--", "--ema_decay", "0", *common]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((out / "label_efficiency_cells.json").read_text())
-    assert [(r["k"], r["draw"]) for r in summary["runs"]] == [(2, 0), (2, 1), (4, 0), (4, 1)]
+    assert [(r["k"], r["draw"]) for r in summary["runs"]] == [(2, 1), (2, 2), (4, 1), (4, 2)]
     assert all(r["train_cells"] == 3 * r["k"] and r["train_cells"] + r["test_cells"] == 36 for r in summary["runs"])
     assert set(summary["table"]["2"]) >= {"pretrained_macro_f1", "scratch_macro_f1", "baseline_macro_f1"}
     assert (out / "label_efficiency_cells.png").stat().st_size > 0
