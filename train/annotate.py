@@ -37,9 +37,9 @@ from train.novelty import detector_score_names, flag_novel, load_detector, novel
 from train.readers import SUPPORTED, read_cells
 
 UNASSIGNED = "unassigned"
-# Batches of 32 cells ran the model loop 1.07x as fast as batches of 64 on 2 CPU cores, in float32 and bfloat16 alike
-# (Baron cells, 512 tokens: a batch's feed-forward activations, 17 MB instead of 34, stay in the 32 MB L3 cache;
-# benchmarks/results/annotate_speed/README.md).
+# Batches of 32 cells ran the model loop 1.07x as fast as batches of 64 on 2 CPU cores, in float32 and bfloat16 alike,
+# in less memory (Baron cells, 512 tokens; benchmarks/results/annotate_speed/README.md), most likely because a batch's
+# feed-forward activations, 17 MB instead of 34, fit the 32 MB L3 cache.
 BATCH_SIZE = 32
 
 
