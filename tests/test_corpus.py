@@ -16,7 +16,7 @@ import torch
 from tests.conftest import DATA_DIR
 from train import pretrain, release
 from train.corpus import QCSettings, build_corpus, corpus_files
-from train.data import MaskedExpressionCollator
+from train.data import LengthGroupedSampler, MaskedExpressionCollator
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 PBMC3K = DATA_DIR / "pretrain" / "pbmc3k_10x.h5ad"
@@ -86,10 +86,15 @@ def test_corpus_pretraining_scores_held_out_cells_and_releases_a_folder(corpus_d
     args = ["--corpus", str(corpus_dir), "--architecture", "scbert2-tiny", "--max_length", "64", "--min_genes", "200",
             "--min_cells_per_vocab_gene", "5", "--held_out", "0.1", "--max_steps", "6", "--eval_steps", "3",
             "--logging_steps", "2", "--per_device_batch_size", "16", "--output_dir", str(output),
-            "--cache_dir", str(tmp_path / "cache"), "--no_progress_bar", "--num_workers", "0"]
+            "--cache_dir", str(tmp_path / "cache"), "--no_progress_bar", "--num_workers", "0",
+            "--file_sampling_exponent", "0"]
     pretrain.main(args)
     summary = json.loads((output / "pretrain_summary.json").read_text())
     assert summary["held_out_cells"] > 0 and summary["cells"] + summary["held_out_cells"] == summary["corpus"]["cells"]
+    # Exponent 0: every file a third of the draws, whatever its cells; recorded with the corpus.
+    shares = summary["corpus"]["file_sampling"]["shares"]
+    assert sorted(shares) == ["baron.h5ad", "papalexi.h5ad", "pbmc.h5ad"]
+    assert list(shares.values()) == pytest.approx([1 / 3] * 3, abs=1e-4)
     assert 0 <= summary["held_out"]["masked_accuracy"] <= 1 and summary["held_out"]["masked_value_mse"] > 0
     records = [json.loads(line) for line in (output / "logs" / "pretrain.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "eval_masked_accuracy" in r] == [3, 6, 6]  # every 3 steps + end of epoch
@@ -112,6 +117,28 @@ def test_corpus_pretraining_scores_held_out_cells_and_releases_a_folder(corpus_d
     out = subprocess.run([sys.executable, "-I", "-c", code, str(folder)], cwd=tmp_path, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split()[-2:] == ["torch.float32", str(summary["corpus"]["vocabulary_size"] + 3)]
+
+
+def test_file_sampling_shares_follow_the_exponent_and_the_sampler_draws_them():
+    panel = np.repeat([0, 1, 2], [900, 100, 0])  # file 2 lost every cell to QC
+    weights, shares = pretrain.file_sampling_weights(panel, 3, 1.0)
+    assert weights is None and shares == pytest.approx([0.9, 0.1, 0.0])
+    _, shares = pretrain.file_sampling_weights(panel, 3, 0.5)
+    assert shares == pytest.approx([0.75, 0.25, 0.0])  # sqrt(900) : sqrt(100)
+    weights, shares = pretrain.file_sampling_weights(panel, 3, 0.0)
+    assert shares == pytest.approx([0.5, 0.5, 0.0])
+    sampler = LengthGroupedSampler(np.full(len(panel), 10), 16, seed=0, weights=weights)
+    drawn = panel[list(sampler)]
+    assert len(drawn) == len(panel) and 0.44 < (drawn == 1).mean() < 0.56
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--corpus", "x.h5ad", "--file_sampling_exponent", "1.5"], "must be in \\[0, 1\\]"),
+    (["--data", "x.h5ad", "--file_sampling_exponent", "0.3"], "balances the files of a --corpus"),
+])
+def test_file_sampling_refuses_an_exponent_outside_0_1_and_data_without_files(flags, message, tmp_path):
+    with pytest.raises(ValueError, match=message):
+        pretrain.main([*flags, "--output_dir", str(tmp_path / "run")])
 
 
 def test_scbert_v1_corpus_masks_genes_a_file_did_not_measure(corpus_dir, tmp_path):

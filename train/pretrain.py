@@ -19,6 +19,7 @@ import argparse
 import json
 from pathlib import Path
 
+import numpy as np
 from accelerate.utils import set_seed
 from transformers import AutoModelForMaskedLM
 
@@ -82,6 +83,11 @@ def build_parser() -> argparse.ArgumentParser:
     qc.add_argument("--corpus_values", choices=["counts", "normalized"], default=defaults.values,
                     help="what the corpus files hold; a file holding the other is refused")
     qc.add_argument("--held_out", type=float, default=0.05, help="share of corpus cells held out and scored")
+    qc.add_argument("--file_sampling_exponent", type=float, default=1.0,
+                    help="each corpus file's share of the training draws is proportional to its cells to this power: "
+                         "1 takes every cell once per epoch (a large file dominates), 0 draws every file equally, "
+                         "0.3 balances as multilingual language models balance languages (XLM-R); below 1 an epoch "
+                         "is as many draws with replacement as there are training cells")
     add_training_arguments(parser)
     parser.set_defaults(num_epochs=3)
     return parser
@@ -149,8 +155,41 @@ def split_held_out(dataset, share: float, seed: int):
     return parts["train"], parts["test"]
 
 
+def check_file_sampling(args: argparse.Namespace) -> None:
+    if not 0 <= args.file_sampling_exponent <= 1:
+        raise ValueError(f"--file_sampling_exponent must be in [0, 1] (1: files as they come, 0: every file equally), "
+                         f"got {args.file_sampling_exponent}.")
+    if args.file_sampling_exponent != 1 and not args.corpus:
+        raise ValueError("--file_sampling_exponent balances the files of a --corpus; with --data the cells carry no "
+                         "file of origin. Pass the files with --corpus, or leave the exponent at 1.")
+
+
+def file_sampling_weights(panel: np.ndarray, n_files: int, exponent: float) -> tuple[np.ndarray | None, list[float]]:
+    """(one sampling weight per cell or None, each file's share of the draws) for ``--file_sampling_exponent``.
+
+    ``panel`` holds each training cell's file index. File f of n_f cells gets a share proportional to n_f ** exponent,
+    spread evenly over its cells; None (every cell once per epoch) for exponent 1."""
+    cells_per_file = np.bincount(panel, minlength=n_files).astype(np.float64)
+    shares = np.where(cells_per_file > 0, cells_per_file ** exponent, 0.0)
+    shares /= shares.sum()
+    weights = None if exponent == 1 else shares[panel] / cells_per_file[panel]
+    return weights, shares.tolist()
+
+
+def corpus_sample_weights(args: argparse.Namespace, train_cells, corpus_report: dict, log) -> np.ndarray | None:
+    """Per-cell weights balancing the corpus's files, each file's share logged and added to the report."""
+    files = [Path(f["file"]).name for f in corpus_report["files"]]
+    weights, shares = file_sampling_weights(np.asarray(train_cells["panel"]), len(files), args.file_sampling_exponent)
+    corpus_report["file_sampling"] = {"exponent": args.file_sampling_exponent,
+                                      "shares": {name: round(share, 4) for name, share in zip(files, shares)}}
+    log(f"Each file's share of the training draws (--file_sampling_exponent {args.file_sampling_exponent}): "
+        + ", ".join(f"{name} {share:.1%}" for name, share in zip(files, shares)))
+    return weights
+
+
 def main(argv=None) -> Path:
     args = parse_args(argv)
+    check_file_sampling(args)
     accelerator = make_accelerator(args, "pretrain")
     set_seed(args.seed)
     config, tokenizer = load_pretrained_folder(args.model, **tokenizer_overrides(args)) if args.model else (None, None)
@@ -173,7 +212,9 @@ def main(argv=None) -> Path:
     zero_fraction = args.zero_fraction if tokenizer.mode == "scbert2" else 0.0
     collator = MaskedExpressionCollator(tokenizer, args.mask_probability, seed=args.seed, zero_fraction=zero_fraction,
                                         packed=args.packed, panels=panels)
-    loader = make_loader(train_cells, collator, args.per_device_batch_size, True, args.seed, args.num_workers)
+    sample_weights = corpus_sample_weights(args, train_cells, corpus_report, accelerator.print) if args.corpus else None
+    loader = make_loader(train_cells, collator, args.per_device_batch_size, True, args.seed, args.num_workers,
+                         sample_weights)
     evaluate = None
     if held_out is not None:
         # Another seed than training's, fixed: every evaluation scores the same masks.
