@@ -37,6 +37,40 @@ def test_svd_vectors_have_the_requested_scale_and_put_co_expressed_genes_togethe
     assert cosine(ins1, ins2) > cosine(ins1, krt19)
 
 
+def test_scaled_svd_keeps_a_highly_expressed_gene_from_dwarfing_the_rest(baron_small):
+    tok = GeneExpressionTokenizer.from_adata(baron_small)
+    matrix = tok.encode_matrix(baron_small).tocsc()
+    expressed = np.flatnonzero(matrix.getnnz(axis=0) > 50)
+    loud = expressed[0]
+    matrix[:, loud] = matrix[:, loud] * 100  # one gene 100 times louder than the data says
+    matrix = matrix.tocsr()
+    def loud_share(vectors):
+        squared = np.linalg.norm(vectors, axis=1) ** 2
+        return squared[loud] / squared.sum()
+
+    assert loud_share(svd_gene_embeddings(matrix, 32, 0.5, 0)) > 0.5  # one gene of thousands holds most of the table
+    scaled = svd_gene_embeddings(matrix, 32, 0.5, 0, scale_genes=True)
+    assert loud_share(scaled) < 0.01
+    # Scaled, the gene at its true loudness gets a vector as long: only its co-expression counts.
+    as_measured = svd_gene_embeddings(tok.encode_matrix(baron_small), 32, 0.5, 0, scale_genes=True)
+    np.testing.assert_allclose(np.linalg.norm(scaled[loud]), np.linalg.norm(as_measured[loud]), rtol=1e-3)
+
+
+def test_cell_weights_count_as_repeated_cells(baron_small):
+    matrix = GeneExpressionTokenizer.from_adata(baron_small).encode_matrix(baron_small)[:60]
+    matrix = matrix[:, np.argsort(-matrix.getnnz(axis=0))[:300]]
+    weights = np.ones(60)
+    weights[:20] = 3  # the first 20 cells three times over
+    repeated = matrix[np.r_[np.repeat(np.arange(20), 3), np.arange(20, 60)]]
+    for scale_genes in (False, True):
+        weighted = svd_gene_embeddings(matrix, 4, 0.5, 0, scale_genes=scale_genes, cell_weights=weights)
+        expected = svd_gene_embeddings(repeated, 4, 0.5, 0, scale_genes=scale_genes)
+        # The same Gram matrix, so the same gene vectors up to each component's sign: compare the genes' Gram
+        # matrices (to the randomised SVD's precision).
+        gram = expected @ expected.T
+        np.testing.assert_allclose(weighted @ weighted.T, gram, atol=1e-2 * np.abs(gram).max())
+
+
 def test_initialise_gene_embeddings_loads_the_svd_rows_after_the_special_tokens(baron_small):
     tok = GeneExpressionTokenizer.from_adata(baron_small)
     dataset = tok.to_dataset(baron_small)

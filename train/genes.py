@@ -51,16 +51,29 @@ def select_highly_variable_genes(tokenizer: GeneExpressionTokenizer, dataset, ar
                                                          args.highly_variable_genes)
 
 
-def svd_gene_embeddings(matrix, hidden_size: int, std: float, seed: int, whiten: bool = False) -> np.ndarray:
+def svd_gene_embeddings(matrix, hidden_size: int, std: float, seed: int, whiten: bool = False,
+                        scale_genes: bool = False, cell_weights: np.ndarray | None = None) -> np.ndarray:
     """Gene vectors from a truncated SVD of the cells' log-normalised expression, scaled to ``std``.
 
     Genes that co-vary across cells start close together, which a randomly initialised table of ~15k genes cannot
     learn from a few thousand cells in a few epochs. Uses only the cells given (no labels). ``whiten`` gives every
     component the same scale instead of weighting it by its singular value, so that small programmes (a rare cell
-    type's) are not drowned out by the large ones.
+    type's) are not drowned out by the large ones. ``scale_genes`` first brings every gene to the same root mean
+    square (as PCA scales genes): a gene's vector is then at most as long as any other's, where unscaled the few
+    genes highly expressed in many cells (on the pretraining corpus, a 299-gene targeted panel's) dwarf the rest.
+    ``cell_weights`` (one per cell, e.g. the pretraining draws' file balance) weight the cells as a sample drawn
+    with those weights would.
     """
+    import scipy.sparse as sp
     from sklearn.decomposition import TruncatedSVD
 
+    matrix = sp.csr_matrix(matrix, dtype=np.float32)
+    if cell_weights is not None:
+        weights = np.asarray(cell_weights, dtype=np.float64)
+        matrix = sp.diags(np.sqrt(weights / weights.mean()).astype(np.float32)) @ matrix
+    if scale_genes:
+        rms = np.sqrt(np.asarray(matrix.multiply(matrix).mean(axis=0)).ravel())
+        matrix = matrix @ sp.diags(np.divide(1.0, rms, out=np.zeros_like(rms), where=rms > 0).astype(np.float32))
     components = min(hidden_size, min(matrix.shape) - 1)
     svd = TruncatedSVD(n_components=components, random_state=seed).fit(matrix)
     vectors = np.zeros((matrix.shape[1], hidden_size), dtype=np.float32)
@@ -82,8 +95,8 @@ def align_gene_embeddings(vectors: np.ndarray, reference: np.ndarray, genes: np.
 
 
 def initialise_gene_embeddings(model, dataset, tokenizer: GeneExpressionTokenizer, args: argparse.Namespace,
-                               align: bool = False) -> None:
-    """Applies ``--gene_embedding_init svd`` / ``svd_whitened`` to a model: scBERT 2.0's gene table, or scBERT v1's
+                               align: bool = False, cell_weights: np.ndarray | None = None) -> None:
+    """Applies ``--gene_embedding_init svd`` / ``svd_whitened`` / ``svd_scaled`` to a model: scBERT 2.0's gene table, or scBERT v1's
     frozen positional table, where scBERT has gene2vec (itself an embedding of gene co-expression). Without it v1
     cannot tell its genes apart, and from scratch it learns only the class prior. With ``align`` (a pretrained
     scBERT 2.0), the SVD table is first rotated onto the model's own table over the genes the cells express."""
@@ -92,8 +105,9 @@ def initialise_gene_embeddings(model, dataset, tokenizer: GeneExpressionTokenize
     if model.config.model_type == "scbert" and not model.config.use_gene2vec:
         return
     matrix = dataset_matrix(dataset, tokenizer)
-    vectors = svd_gene_embeddings(matrix, model.config.hidden_size, args.gene_embedding_std,
-                                  args.seed, whiten=args.gene_embedding_init == "svd_whitened")
+    vectors = svd_gene_embeddings(matrix, model.config.hidden_size, args.gene_embedding_std, args.seed,
+                                  whiten=args.gene_embedding_init == "svd_whitened",
+                                  scale_genes=args.gene_embedding_init == "svd_scaled", cell_weights=cell_weights)
     if align:
         table = model.get_input_embeddings().weight.detach().float().cpu().numpy()
         expressed = np.flatnonzero(matrix.getnnz(axis=0) > 0)

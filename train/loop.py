@@ -80,12 +80,13 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
                        help="keep an exponential moving average of the weights with this decay per optimizer step "
                             "(e.g. 0.995; 0 = off): per-epoch evaluation, the best model and the final model use the "
                             "average, which does not swing with the last few batches as the trained weights do")
-    group.add_argument("--gene_embedding_init", choices=["svd", "svd_whitened", "random"], default="svd",
+    group.add_argument("--gene_embedding_init", choices=["svd", "svd_whitened", "svd_scaled", "random"], default="svd",
                        help="from scratch: gene vectors (scBERT 2.0's gene table, scBERT v1's frozen stand-in for gene2vec) "
                             "from a truncated SVD of the training cells "
                             "(svd: components weighted by their singular values; svd_whitened: every component "
                             "at the same scale, so the small ones, e.g. rare cell types' programmes, are not "
-                            "drowned out)")
+                            "drowned out; svd_scaled: every gene at the same scale first, as PCA scales genes, so "
+                            "that a few highly expressed genes' vectors cannot dwarf the rest)")
     group.add_argument("--gene_embedding_std", type=float, default=0.5)
     group.add_argument("--highly_variable_genes", type=int, default=0,
                        help="scBERT 2.0: draw each cell's tokens from this many highly variable genes of the training "

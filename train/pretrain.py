@@ -204,15 +204,16 @@ def main(argv=None) -> Path:
         model = AutoModelForMaskedLM.from_config(config, **attention_kwargs(config.model_type, args.attn_implementation))
     train_cells, held_out = split_held_out(dataset, args.held_out if args.corpus else 0.0, args.seed)
     select_highly_variable_genes(tokenizer, train_cells, args)
+    sample_weights = corpus_sample_weights(args, train_cells, corpus_report, accelerator.print) if args.corpus else None
     if not args.model:
-        initialise_gene_embeddings(model, train_cells, tokenizer, args)
+        # The start sees the cells as training draws them: a file's weight is its share of the draws.
+        initialise_gene_embeddings(model, train_cells, tokenizer, args, cell_weights=sample_weights)
     n_parameters = sum(p.numel() for p in model.parameters())
     accelerator.print(f"Pretraining {config.model_type} ({n_parameters / 1e6:.2f}M parameters) on "
                       f"{len(train_cells):,} cells" + (f", {len(held_out):,} held out." if held_out else "."))
     zero_fraction = args.zero_fraction if tokenizer.mode == "scbert2" else 0.0
     collator = MaskedExpressionCollator(tokenizer, args.mask_probability, seed=args.seed, zero_fraction=zero_fraction,
                                         packed=args.packed, panels=panels)
-    sample_weights = corpus_sample_weights(args, train_cells, corpus_report, accelerator.print) if args.corpus else None
     loader = make_loader(train_cells, collator, args.per_device_batch_size, True, args.seed, args.num_workers,
                          sample_weights)
     evaluate = None
