@@ -44,6 +44,7 @@ def test_scaled_svd_keeps_a_highly_expressed_gene_from_dwarfing_the_rest(baron_s
     loud = expressed[0]
     matrix[:, loud] = matrix[:, loud] * 100  # one gene 100 times louder than the data says
     matrix = matrix.tocsr()
+
     def loud_share(vectors):
         squared = np.linalg.norm(vectors, axis=1) ** 2
         return squared[loud] / squared.sum()

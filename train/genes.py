@@ -97,9 +97,10 @@ def align_gene_embeddings(vectors: np.ndarray, reference: np.ndarray, genes: np.
 def initialise_gene_embeddings(model, dataset, tokenizer: GeneExpressionTokenizer, args: argparse.Namespace,
                                align: bool = False, cell_weights: np.ndarray | None = None) -> None:
     """Applies ``--gene_embedding_init svd`` / ``svd_whitened`` / ``svd_scaled`` to a model: scBERT 2.0's gene table,
-    or scBERT v1's frozen positional table, where scBERT has gene2vec (itself an embedding of gene co-expression). Without it v1
-    cannot tell its genes apart, and from scratch it learns only the class prior. With ``align`` (a pretrained
-    scBERT 2.0), the SVD table is first rotated onto the model's own table over the genes the cells express."""
+    or scBERT v1's frozen positional table, where scBERT has gene2vec (itself an embedding of gene co-expression).
+    Without it v1 cannot tell its genes apart, and from scratch it learns only the class prior. With ``align`` (a
+    pretrained scBERT 2.0), the SVD table is first rotated onto the model's own table over the genes the cells
+    express. ``cell_weights``: see ``svd_gene_embeddings``."""
     if not args.gene_embedding_init.startswith("svd"):
         return
     if model.config.model_type == "scbert" and not model.config.use_gene2vec:
