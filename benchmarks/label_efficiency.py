@@ -5,9 +5,10 @@ regression, with k labelled cells per type and every other cell as the test set.
     python benchmarks/label_efficiency.py --k 3 10 --draws 2 --data pbmc68k_reduced
 
 Each (k, draw) runs `python -m train.finetune --labelled_per_class k --seed draw` twice, once from the checkpoint and
-once from scratch (same labelled cells: the draw is seeded), so the three methods see the same cells. Every run
-trains for about --steps optimizer steps (k labelled cells give few batches per epoch). Writes
-benchmarks/results/label_efficiency/label_efficiency_<name>.json, .md and .png.
+once from scratch (same labelled cells: the draw is seeded), so the three methods see the same cells
+(`--reuse_scratch` takes the from-scratch arm from earlier results instead, `--pretrained_args` adds flags to the
+pretrained arm only). Every run trains for about --steps optimizer steps (k labelled cells give few batches per
+epoch). Writes benchmarks/results/label_efficiency/label_efficiency_<name>.json, .md and .png.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import argparse
 import json
 import math
 import platform
+import shlex
 import subprocess
 import sys
 import time
@@ -50,8 +52,40 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("--output_dir", default=str(ROOT / "outputs" / "label_efficiency"))
     parser.add_argument("--results_dir", default=str(ROOT / "benchmarks" / "results" / "label_efficiency"))
+    parser.add_argument("--pretrained_args", default="",
+                        help="train.finetune flags for the pretrained arm only, one string (e.g. "
+                             "'--encoder_learning_rate_scale 0.1'); the flags after '--' go to both arms")
+    parser.add_argument("--reuse_scratch", nargs="+", default=None, metavar="JSON",
+                        help="take the from-scratch arm of every (k, draw) from these earlier results of this "
+                             "benchmark on the same data instead of training it again (its cells are the same: the "
+                             "draw is seeded); for comparing pretrained-arm settings")
     parser.add_argument("finetune_args", nargs=argparse.REMAINDER, help="after '--': extra train.finetune flags")
     return parser.parse_args(argv)
+
+
+def earlier_scratch_runs(paths: list[str], data: str, needed: list[tuple[int, int]]) -> dict[tuple[int, int], dict]:
+    """The from-scratch results of earlier runs of this benchmark on ``data``, by (k, draw); each of ``needed``
+    must be among them."""
+    runs = {}
+    for path in paths:
+        summary = json.loads(Path(path).read_text())
+        if Path(summary["data"]).name != Path(data).name:
+            raise ValueError(f"--reuse_scratch {path} holds results on {Path(summary['data']).name}, not on "
+                             f"{Path(data).name}: the from-scratch arm must have seen the same cells.")
+        runs.update({(run["k"], run["draw"]): {**run["scratch"], "reused_from": str(path)} for run in summary["runs"]})
+    for k, draw in needed:
+        if (k, draw) not in runs:
+            raise ValueError(f"--reuse_scratch has no from-scratch run for k = {k}, draw {draw} (it has "
+                             f"{sorted(runs)}); run those files' k and draws, or drop --reuse_scratch.")
+    return runs
+
+
+def scratch_run(args, k: int, draw: int, out: Path, epochs: int, extra: list[str], reused: dict | None) -> dict:
+    if reused is not None:
+        return reused[(k, draw)]
+    architecture = (["--model", args.pretrained, "--from_scratch"] if args.scratch == "checkpoint"
+                    else ["--architecture", args.architecture])
+    return run(args, k, draw, [*architecture, "--no_baseline"], out / "scratch", epochs, extra)["model"]
 
 
 def epochs_for(k: int, counts: dict[str, int], steps: int, batch_size: int) -> int:
@@ -87,6 +121,8 @@ def write_report(summary: dict, path: Path) -> None:
              f"(seeds {summary['first_draw']} to {summary['first_draw'] + summary['draws'] - 1}) "
              f"each; checkpoint `{summary['pretrained']}`; from scratch: "
              f"{'its architecture and genes' if summary.get('scratch') == 'checkpoint' else summary['architecture_from_scratch']}"
+             f"{' (taken from ' + ', '.join(summary['scratch_reused_from']) + ')' if summary.get('scratch_reused_from') else ''}"
+             f"{'; pretrained arm: `' + summary['pretrained_args'] + '`' if summary.get('pretrained_args') else ''}"
              f"; {summary['wall_seconds'] / 60:.1f} min on "
              f"{summary['machine']['platform']}.", "",
              "| k | pretrained macro-F1 | from scratch | logistic regression | pretrained accuracy | scratch | LR |",
@@ -122,26 +158,29 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     name = args.name or Path(args.data).stem
     resolve_data(args)
-    architecture = args.architecture or json.loads((Path(args.pretrained) / "release.json").read_text()).get(
+    args.architecture = args.architecture or json.loads((Path(args.pretrained) / "release.json").read_text()).get(
         "architecture", "scbert2-small")
     extra = [a for a in args.finetune_args if a != "--"]
+    draws = range(args.first_draw, args.first_draw + args.draws)
+    reused = (earlier_scratch_runs(args.reuse_scratch, args.data, [(k, d) for k in args.k for d in draws])
+              if args.reuse_scratch else None)
     counts = class_counts(args.data, args.label_key)
     start, runs = time.perf_counter(), []
     for k in args.k:
         epochs = epochs_for(k, counts, args.steps, args.batch_size)
-        for draw in range(args.first_draw, args.first_draw + args.draws):
+        for draw in draws:
             out = Path(args.output_dir) / name / f"k{k}" / f"draw{draw}"
-            pretrained = run(args, k, draw, ["--model", args.pretrained], out / "pretrained", epochs, extra)
-            scratch_source = (["--model", args.pretrained, "--from_scratch"] if args.scratch == "checkpoint"
-                              else ["--architecture", architecture])
-            scratch = run(args, k, draw, [*scratch_source, "--no_baseline"], out / "scratch", epochs, extra)
+            pretrained = run(args, k, draw, ["--model", args.pretrained, *shlex.split(args.pretrained_args)],
+                             out / "pretrained", epochs, extra)
+            scratch = scratch_run(args, k, draw, out, epochs, extra, reused)
             runs.append({"k": k, "draw": draw, "epochs": epochs, "train_cells": pretrained["split"]["train"],
                          "test_cells": pretrained["split"]["test"], "pretrained": pretrained["model"],
-                         "scratch": scratch["model"], "baseline": pretrained["baseline_logistic_regression_l1"]})
+                         "scratch": scratch, "baseline": pretrained["baseline_logistic_regression_l1"]})
     summary = {"data": args.data, "label_key": args.label_key, "pretrained": args.pretrained,
-               "architecture_from_scratch": architecture, "scratch": args.scratch, "draws": args.draws,
-               "first_draw": args.first_draw, "steps": args.steps,
-               "finetune_args": extra, "class_counts": counts, "wall_seconds": time.perf_counter() - start,
+               "architecture_from_scratch": args.architecture, "scratch": args.scratch, "draws": args.draws,
+               "first_draw": args.first_draw, "steps": args.steps, "finetune_args": extra,
+               "pretrained_args": args.pretrained_args, "scratch_reused_from": args.reuse_scratch,
+               "class_counts": counts, "wall_seconds": time.perf_counter() - start,
                "machine": {"platform": platform.platform(), "python": platform.python_version()}, "runs": runs}
     summary["table"] = summarise(runs)
     results = Path(args.results_dir)

@@ -69,6 +69,25 @@ def test_label_efficiency_runs_pretrained_scratch_and_baseline_on_the_same_cells
     assert set(summary["table"]["2"]) >= {"pretrained_macro_f1", "scratch_macro_f1", "baseline_macro_f1"}
     assert (out / "label_efficiency_cells.png").stat().st_size > 0
 
+    # Another pretrained-arm setting beside the same from-scratch runs, which are taken, not trained again.
+    def probe(k: str) -> subprocess.CompletedProcess:
+        command = [sys.executable, "-m", "benchmarks.label_efficiency", "--data", str(tmp_path / "cells.h5ad"),
+                   "--pretrained", str(tmp_path / "pt" / "model"), "--architecture", "scbert2-tiny", "--k", k,
+                   "--draws", "2", "--first_draw", "1", "--steps", "4", "--output_dir", str(tmp_path / "runs"),
+                   "--results_dir", str(out), "--name", "probe", "--pretrained_args", "--encoder_learning_rate_scale 0",
+                   "--reuse_scratch", str(out / "label_efficiency_cells.json"), "--", "--ema_decay", "0", *common]
+        return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
+
+    result = probe("2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    probed = json.loads((out / "label_efficiency_probe.json").read_text())
+    assert [run["scratch"]["macro_f1"] for run in probed["runs"]] == [
+        run["scratch"]["macro_f1"] for run in summary["runs"] if run["k"] == 2]
+    assert "--encoder_learning_rate_scale 0" in result.stdout
+    assert not (tmp_path / "runs" / "probe" / "k2" / "draw1" / "scratch").exists()
+    missing = probe("3")
+    assert missing.returncode != 0 and "--reuse_scratch has no from-scratch run for k = 3, draw 1" in missing.stderr
+
 
 def test_zero_shot_scores_the_checkpoint_against_pca(tmp_path):
     checkpoints = [str(ROOT / "checkpoints" / name) for name in ("scbert2-small", "scbert-small")]

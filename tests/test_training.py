@@ -782,6 +782,13 @@ def test_finetune_bad_inputs_fail_clearly(finetune_data, bert_folder, tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         finetune.main(finetune_args(tmp_path / "missing.h5ad", output))
 
+    with pytest.raises(ValueError, match="--encoder_learning_rate_scale slows the pretrained encoder layers"):
+        finetune.main(finetune_args(finetune_data, output, "--architecture", "scbert2-tiny",
+                                    "--encoder_learning_rate_scale", "0.1"))
+    with pytest.raises(ValueError, match="--encoder_learning_rate_scale takes a multiple of --learning_rate >= 0"):
+        finetune.main(finetune_args(finetune_data, output, "--model", str(bert_folder),
+                                    "--encoder_learning_rate_scale", "-1"))
+
     with pytest.raises(ValueError, match=r"holds a 'bert' model; expected one of \('scbert', 'scbert2'\)"):
         finetune.main(finetune_args(finetune_data, output, "--model", str(bert_folder)))
     (tmp_path / "no_config").mkdir()
@@ -1267,6 +1274,32 @@ def test_finetuning_a_checkpoint_keeps_or_replaces_its_gene_table(pretrain_data,
                                 "--freeze_gene_embeddings", "--num_epochs", "1", "--no_baseline"))
     tuned = weights(output / "model")["model.embeddings.gene_embeddings.weight"]
     assert torch.equal(tuned, table) == (gene_table == "pretrained")
+
+
+def test_a_zero_encoder_learning_rate_keeps_the_pretrained_layers_and_trains_the_rest(pretrain_data, finetune_data,
+                                                                                     tmp_path):
+    pretrained = pretrain.main(pretrain_args(pretrain_data, tmp_path / "pt", "scbert2-tiny", "--max_steps", "1"))
+    tuned = {}
+    for run, extra in (("trained_table", ()), ("frozen_table", ("--freeze_gene_embeddings",))):
+        finetune.main(finetune_args(finetune_data, tmp_path / run, "--model", str(pretrained), "--num_epochs", "2",
+                                    "--encoder_learning_rate_scale", "0", "--no_baseline", "--ema_decay", "0", *extra))
+        tuned[run] = weights(tmp_path / run / "model")
+    before, after = weights(pretrained), tuned["trained_table"]
+    table = "model.embeddings.gene_embeddings.weight"
+    encoder = [name for name in after if name.startswith("model.") and name != table]
+    assert len(encoder) > 10 and all(torch.equal(after[name], before[name]) for name in encoder)
+    # Both runs start from the same aligned table (same seed); only the first trains it, at the full rate.
+    assert not torch.equal(after[table], tuned["frozen_table"][table])
+
+
+def test_learning_rate_scales_give_their_parameters_their_own_groups():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4), torch.nn.Linear(4, 2))
+    args = argparse.Namespace(weight_decay=0.01, optim="adamw", learning_rate=1e-3)
+    groups = build_optimizer(model, args, {"0.weight": 0.1, "0.bias": 0.1}).param_groups
+    by_lr = {(group["lr"], group["weight_decay"]): len(group["params"]) for group in groups}
+    assert by_lr == {(1e-3, 0.01): 1, (1e-3, 0.0): 3, (1e-4, 0.01): 1, (1e-4, 0.0): 1}
+    unscaled = build_optimizer(model, args).param_groups
+    assert [(g["lr"], g["weight_decay"], len(g["params"])) for g in unscaled] == [(1e-3, 0.01, 2), (1e-3, 0.0, 4)]
 
 
 def test_max_length_replaces_the_checkpoints_token_budget(pretrain_data, finetune_data, tmp_path):

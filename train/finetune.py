@@ -121,6 +121,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="scBERT 2.0: keep the gene embedding table fixed (the SVD initialisation or the pretrained "
                              "table) and train the rest: a rare type's few training cells cannot then reshape the "
                              "vectors of its marker genes to memorise those cells")
+    parser.add_argument("--encoder_learning_rate_scale", type=float, default=1.0,
+                        help="with --model: the pretrained encoder (every weight of the base model but the gene "
+                             "table) trains at this multiple of --learning_rate, the gene table and the new head at "
+                             "--learning_rate, so few labelled cells move the pretrained layers less; 0 keeps them "
+                             "fixed (a probe of the pretrained layers)")
     add_training_arguments(parser)
     parser.set_defaults(**DEFAULTS)
     return parser
@@ -279,11 +284,26 @@ def build_classifier(args: argparse.Namespace, tokenizer: GeneExpressionTokenize
     return model
 
 
+def encoder_learning_rate_scales(model: torch.nn.Module, scale: float) -> dict[str, float]:
+    """``scale`` for every parameter of the pretrained base model except scBERT 2.0's gene table (which fine-tuning
+    builds from the data; scBERT v1's gene table is its frozen positional table), keyed by name as `build_optimizer`
+    reads them."""
+    gene_table = model.get_input_embeddings().weight if model.config.model_type == "scbert2" else None
+    encoder = {id(parameter) for parameter in model.base_model.parameters() if parameter is not gene_table}
+    return {name: scale for name, parameter in model.named_parameters() if id(parameter) in encoder}
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     if args.from_scratch and not args.model:
         raise ValueError("--from_scratch takes the architecture and genes of a --model folder; without a folder, "
                          "--architecture already trains from scratch.")
+    if args.encoder_learning_rate_scale != 1.0 and (not args.model or args.from_scratch):
+        raise ValueError("--encoder_learning_rate_scale slows the pretrained encoder layers of a --model folder; "
+                         "from scratch there are none (drop the flag, or fine-tune --model without --from_scratch).")
+    if args.encoder_learning_rate_scale < 0:
+        raise ValueError(f"--encoder_learning_rate_scale takes a multiple of --learning_rate >= 0 (0 keeps the "
+                         f"pretrained layers fixed), got {args.encoder_learning_rate_scale}.")
     if min(args.logit_adjustment_grid) < 0:
         raise ValueError(f"--logit_adjustment_grid takes values >= 0 (0: no adjustment), got {args.logit_adjustment_grid}.")
     accelerator = make_accelerator(args, "finetune")
@@ -319,7 +339,8 @@ def main(argv=None) -> dict:
     split_digest = hashlib.sha256(np.concatenate(list(split.values())).tobytes()).hexdigest()[:16]
     fingerprint = training_fingerprint([args.data], dataset, tokenizer, f"label={args.label_key};split={split_digest}")
     result = train_loop(accelerator, model, train_loader, args, compute_loss=compute_loss, evaluate=evaluate,
-                        early_stopping=early_stopping, identity=run_identity(fingerprint, model, tokenizer.get_vocab()))
+                        early_stopping=early_stopping, identity=run_identity(fingerprint, model, tokenizer.get_vocab()),
+                        learning_rate_scales=encoder_learning_rate_scales(model, args.encoder_learning_rate_scale))
     best = accelerator.prepare(AutoModelForSequenceClassification.from_pretrained(
         output, **attention_kwargs(tokenizer.mode, args.attn_implementation)))
     tau = None

@@ -288,12 +288,20 @@ class LoopResult:
     seconds: float
 
 
-def build_optimizer(model: torch.nn.Module, args: argparse.Namespace) -> torch.optim.Optimizer:
-    decay, no_decay = [], []
+def build_optimizer(model: torch.nn.Module, args: argparse.Namespace,
+                    learning_rate_scales: dict[str, float] | None = None) -> torch.optim.Optimizer:
+    """AdamW (or Adafactor) with weight decay on the weight matrices only. ``learning_rate_scales`` maps parameter
+    names to a multiple of ``--learning_rate`` (its warm-up and decay follow the same schedule); the others train at
+    ``--learning_rate``."""
+    scales = learning_rate_scales or {}
+    grouped: dict[tuple[float, bool], list[torch.nn.Parameter]] = {(1.0, True): [], (1.0, False): []}
     for name, parameter in model.named_parameters():
         if parameter.requires_grad:
-            (no_decay if parameter.ndim < 2 or "norm" in name.lower() else decay).append(parameter)
-    groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+            decays = not (parameter.ndim < 2 or "norm" in name.lower())
+            grouped.setdefault((scales.get(name, 1.0), decays), []).append(parameter)
+    groups = [{"params": parameters, "weight_decay": args.weight_decay if decays else 0.0,
+               "lr": args.learning_rate * scale}
+              for (scale, decays), parameters in grouped.items() if parameters or scale == 1.0]
     if args.optim == "adafactor":
         return Adafactor(groups, lr=args.learning_rate, scale_parameter=False, relative_step=False, warmup_init=False)
     return torch.optim.AdamW(groups, lr=args.learning_rate)
@@ -323,14 +331,16 @@ def train_loop(
     evaluate: Callable[[torch.nn.Module], dict[str, float]] | None = None,
     early_stopping: EarlyStopping | None = None,
     identity: dict[str, Any] | None = None,
+    learning_rate_scales: dict[str, float] | None = None,
 ) -> LoopResult:
     """Trains ``model`` on ``train_loader`` (a `make_loader` loader) with Accelerate; evaluates once per epoch when
     ``evaluate`` is given, and feeds that to ``early_stopping``. With ``args.ema_decay`` the weight average is what gets
     evaluated and passed to ``early_stopping.on_new_best``, and it is copied into ``model`` at the end. ``identity``
-    (see `run_identity`) is stored in every checkpoint, and a checkpoint of another run is not resumed."""
+    (see `run_identity`) is stored in every checkpoint, and a checkpoint of another run is not resumed.
+    ``learning_rate_scales``: see `build_optimizer`."""
     start = time.perf_counter()
     collate_fn = train_loader.collate_fn
-    optimizer = build_optimizer(model, args)
+    optimizer = build_optimizer(model, args, learning_rate_scales)
     updates_per_epoch = math.ceil(len(train_loader) / accelerator.num_processes / args.gradient_accumulation_steps)
     max_steps = args.max_steps or args.num_epochs * updates_per_epoch
     num_epochs = math.ceil(max_steps / updates_per_epoch)
