@@ -83,6 +83,19 @@ def test_only_annotate_run_as_the_process_sets_the_memory_policy(monkeypatch, co
     assert calls == ([command] if keeps else [])
 
 
+def test_python_m_train_annotate_sets_the_memory_policy_as_scbert_annotate_does(monkeypatch):
+    import runpy
+    import warnings
+
+    calls = []
+    monkeypatch.setattr(cli, "keep_freed_memory", lambda: calls.append("annotate"))
+    monkeypatch.setattr(sys, "argv", ["train/annotate.py", "--help"])
+    with pytest.raises(SystemExit), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # runpy: the module was imported before, as the suite does
+        runpy.run_module("train.annotate", run_name="__main__")
+    assert calls == ["annotate"]
+
+
 def test_an_error_prints_its_message_and_a_traceback_only_with_debug(tmp_path):
     arguments = ["finetune", "--data", str(tmp_path / "missing.h5ad"), "--label_key", "x", "--output_dir", str(tmp_path)]
     plain = run(*scbert_command(), *arguments)

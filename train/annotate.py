@@ -31,7 +31,7 @@ import pandas as pd
 import scipy.sparse as sp
 import torch
 
-from train.cli import run_command
+from train.cli import keep_freed_memory, run_command
 from train.models import is_classifier
 from train.novelty import detector_score_names, flag_novel, load_detector, novelty_scores
 from train.readers import SUPPORTED, read_cells
@@ -408,4 +408,5 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
+    keep_freed_memory()  # as `scbert annotate` does: this process is the command
     run_command(main)

@@ -49,9 +49,9 @@ def keep_freed_memory() -> None:
     Measured on 2 cores with batches of 64, annotate's default then (benchmarks/results/annotate_speed): `scbert
     annotate` of 100,000 Baron cells ran at 144 cells/s against 132 with glibc's defaults, in 1.6 GB. With today's
     batches of 32 (17 MB activations) glibc's defaults were not measured again. This is what the jemalloc /
-    tcmalloc preload of PyTorch's CPU performance guide does, with nothing to install. Up to 256 MB of freed memory stays in the process (512 MB
-    and 1 GB let peak memory grow to 1.9 GB at 100,000 cells). Other C libraries (musl, macOS) are left as they are.
-    """
+    tcmalloc preload of PyTorch's CPU performance guide does, with nothing to install. Up to 256 MB of freed memory
+    stays in the process (512 MB and 1 GB let peak memory grow to 1.9 GB at 100,000 cells). Other C libraries (musl,
+    macOS) are left as they are."""
     if not sys.platform.startswith("linux"):
         return
     try:
