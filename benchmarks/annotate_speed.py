@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import subprocess
 import sys
 import time
@@ -22,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.annotation_cv import BARON
+from benchmarks.measure import machine_info
 from train.annotate import BATCH_SIZE
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -126,7 +126,7 @@ def main(argv=None) -> dict:
     runs = sorted(kept + [run_size(args.model, n, folder, args.batch_size, args.glibc_defaults) for n in args.sizes],
                   key=lambda r: r["cells"])
     results = {"model": args.model, "batch_size": args.batch_size, "glibc_defaults": args.glibc_defaults,
-               "machine": {"platform": platform.platform()}, "runs": runs}
+               "machine": machine_info(), "runs": runs}
     (results_dir / f"annotate_speed_{name}.json").write_text(json.dumps(results, indent=2))
     (results_dir / f"annotate_speed_{name}.md").write_text(render(results))
     print(render(results))

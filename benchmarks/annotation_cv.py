@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+
+from benchmarks.measure import machine_info
 
 ROOT = Path(__file__).resolve().parents[1]
 BARON = ROOT.parent / "shared" / "data" / "celltype" / "baron_mouse_pancreas.h5ad"
@@ -68,7 +69,7 @@ def main(argv=None) -> dict:
         "kfold": args.kfold,
         "model_source": args.pretrained or f"{args.architecture} from scratch",
         "finetune_args": extra,
-        "machine": {"platform": platform.platform(), "python": platform.python_version()},
+        "machine": machine_info(),
         "wall_seconds": time.perf_counter() - start,
         "class_counts": class_counts(args.data, args.label_key),
         "folds": folds,

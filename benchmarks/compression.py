@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -37,6 +36,7 @@ import numpy as np
 import torch
 
 from benchmarks.annotation_cv import BARON
+from benchmarks.measure import machine_info
 
 ROOT = Path(__file__).resolve().parents[1]
 LABEL_KEY = "cell_type1"
@@ -229,7 +229,7 @@ def main(argv=None) -> dict:
     seconds = time_variants(models, batches, args.rounds)
     results = {"data": args.data, "split": split, "model_type": config.model_type, "test_cells": int(len(labels)), "batch_size": args.batch_size,
                "rounds": args.rounds, "threads": args.threads,
-               "machine": {"platform": platform.platform(), "torch": torch.__version__}, "variants": {}}
+               "machine": machine_info(), "variants": {}}
     for name, model in models.items():
         ratios = [reference / own for reference, own in zip(seconds["float32"], seconds[name])]
         results["variants"][name] = {

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import warnings
 from pathlib import Path
@@ -24,6 +23,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.compression import count_weights, time_variants
+from benchmarks.measure import machine_info
 
 ROOT = Path(__file__).resolve().parents[1]
 PUBLISHED_LENGTH = 16907  # 16,906 panglao genes + the trailing extra token
@@ -85,7 +85,7 @@ def main(argv=None) -> dict:
     seconds = time_variants(models, [batch], args.rounds)
     results = {"sequence_length": args.sequence_length, "cells_per_pass": args.cells, "rounds": args.rounds,
                "threads": args.threads, "weights": "random (speed and bytes only)",
-               "machine": {"platform": platform.platform(), "torch": torch.__version__}, "variants": {}}
+               "machine": machine_info(), "variants": {}}
     for name, model in models.items():
         ratios = [reference / own for reference, own in zip(seconds["float32"], seconds[name])]
         results["variants"][name] = {

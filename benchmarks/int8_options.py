@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import tempfile
 import time
@@ -30,6 +29,7 @@ import numpy as np
 import torch
 
 from benchmarks.annotation_cv import BARON
+from benchmarks.measure import machine_info
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -129,7 +129,7 @@ def main(argv=None) -> dict:
     reference = names[0]
     n_cells = len(rows)
     results = {"model": args.model, "cells": n_cells, "batch_size": args.batch_size, "rounds": args.rounds,
-               "threads": args.threads, "machine": {"platform": platform.platform(), "torch": torch.__version__},
+               "threads": args.threads, "machine": machine_info(),
                "variants": {}}
     for name in names:
         ratios = [r / s for r, s in zip(seconds[reference], seconds[name])]

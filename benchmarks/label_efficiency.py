@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import platform
 import shlex
 import subprocess
 import sys
@@ -26,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.annotation_cv import class_counts, resolve_data
+from benchmarks.measure import machine_info
 
 ROOT = Path(__file__).resolve().parents[1]
 BARON = ROOT.parent / "shared" / "data" / "celltype" / "baron_mouse_pancreas.h5ad"
@@ -124,7 +124,7 @@ def write_report(summary: dict, path: Path) -> None:
              f"{' (taken from ' + ', '.join(summary['scratch_reused_from']) + ')' if summary.get('scratch_reused_from') else ''}"
              f"{'; pretrained arm: `' + summary['pretrained_args'] + '`' if summary.get('pretrained_args') else ''}"
              f"; {summary['wall_seconds'] / 60:.1f} min on "
-             f"{summary['machine']['platform']}.", "",
+             f"{summary['machine']['cpu_model']} ({summary['machine']['cpu_capability']}).", "",
              "| k | pretrained macro-F1 | from scratch | logistic regression | pretrained accuracy | scratch | LR |",
              "|---|---|---|---|---|---|---|"]
     for k, row in summary["table"].items():
@@ -181,7 +181,7 @@ def main(argv=None) -> dict:
                "first_draw": args.first_draw, "steps": args.steps, "finetune_args": extra,
                "pretrained_args": args.pretrained_args, "scratch_reused_from": args.reuse_scratch,
                "class_counts": counts, "wall_seconds": time.perf_counter() - start,
-               "machine": {"platform": platform.platform(), "python": platform.python_version()}, "runs": runs}
+               "machine": machine_info(), "runs": runs}
     summary["table"] = summarise(runs)
     results = Path(args.results_dir)
     results.mkdir(parents=True, exist_ok=True)

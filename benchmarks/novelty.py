@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import subprocess
 import sys
 import time
@@ -28,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.annotation_cv import BARON, write_bundled_dataset
+from benchmarks.measure import machine_info
 from train.novelty import COMBINED_SCORES, flag_novel
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -200,7 +200,7 @@ def main(argv=None) -> dict:
     # One data set per invocation is fine: the others' results already in novelty.json are kept.
     existing = results_dir / "novelty.json"
     results = json.loads(existing.read_text()) if existing.exists() else {"datasets": {}}
-    results.update({"finetune_args": extra, "machine": {"platform": platform.platform()}})
+    results.update({"finetune_args": extra, "machine": machine_info()})
     for name in args.datasets:
         start = time.perf_counter()
         adata, label_key = load_dataset(name, Path(args.output_dir))

@@ -21,7 +21,7 @@ def test_benchmark_quick_run_writes_results(tmp_path, baron):
     tasks = {m["task"] for m in measured["measurements"]}
     assert tasks == {"inference", "training"}
     assert all(m["cells_per_s"] > 0 and m["flops_per_cell"] > 0 for m in measured["measurements"])
-    assert measured["machine"]["cpu_count"] >= 1
+    assert measured["machine"]["cpu_count"] >= 1 and measured["machine"]["cpu_capability"]
     assert (out / "README.md").read_text().count("scbert2-tiny-sdpa") >= 2
     assert (out / "inference_cells_per_s.png").stat().st_size > 0
 
