@@ -116,13 +116,16 @@ def summarise(runs: list[dict]) -> dict:
 
 
 def write_report(summary: dict, path: Path) -> None:
+    scratch = ("its architecture and genes" if summary.get("scratch") == "checkpoint"
+               else summary["architecture_from_scratch"])
+    if summary.get("scratch_reused_from"):
+        scratch += f" (taken from {', '.join(summary['scratch_reused_from'])})"
+    if summary.get("pretrained_args"):
+        scratch += f"; pretrained arm: `{summary['pretrained_args']}`"
     lines = [f"# Label efficiency: {Path(summary['data']).name}", "",
              f"k labelled cells per type (at most half of a type), every other cell tested; {summary['draws']} draws "
              f"(seeds {summary['first_draw']} to {summary['first_draw'] + summary['draws'] - 1}) "
-             f"each; checkpoint `{summary['pretrained']}`; from scratch: "
-             f"{'its architecture and genes' if summary.get('scratch') == 'checkpoint' else summary['architecture_from_scratch']}"
-             f"{' (taken from ' + ', '.join(summary['scratch_reused_from']) + ')' if summary.get('scratch_reused_from') else ''}"
-             f"{'; pretrained arm: `' + summary['pretrained_args'] + '`' if summary.get('pretrained_args') else ''}"
+             f"each; checkpoint `{summary['pretrained']}`; from scratch: {scratch}"
              f"; {summary['wall_seconds'] / 60:.1f} min on "
              f"{summary['machine']['cpu_model']} ({summary['machine']['cpu_capability']}).", "",
              "| k | pretrained macro-F1 | from scratch | logistic regression | pretrained accuracy | scratch | LR |",
@@ -131,7 +134,7 @@ def write_report(summary: dict, path: Path) -> None:
         cells = [f"{row[f'{m}_macro_f1']['mean']:.3f} ± {row[f'{m}_macro_f1']['std']:.3f}" for m in METHODS]
         cells += [f"{row[f'{m}_accuracy']['mean']:.3f}" for m in METHODS]
         lines.append(f"| {k} | " + " | ".join(cells) + " |")
-    path.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    path.with_name(path.name + ".md").write_text("\n".join(lines) + "\n")
 
     import matplotlib
 
@@ -151,7 +154,7 @@ def write_report(summary: dict, path: Path) -> None:
     axis.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     axis.legend(fontsize=8)
     figure.tight_layout()
-    figure.savefig(path.with_suffix(".png"), dpi=120)
+    figure.savefig(path.with_name(path.name + ".png"), dpi=120)
 
 
 def main(argv=None) -> dict:
@@ -186,9 +189,9 @@ def main(argv=None) -> dict:
     results = Path(args.results_dir)
     results.mkdir(parents=True, exist_ok=True)
     path = results / f"label_efficiency_{name}"
-    path.with_suffix(".json").write_text(json.dumps(summary, indent=2))
+    path.with_name(path.name + ".json").write_text(json.dumps(summary, indent=2))
     write_report(summary, path)
-    print((path.with_suffix(".md")).read_text())
+    print((path.with_name(path.name + ".md")).read_text())
     return summary
 
 

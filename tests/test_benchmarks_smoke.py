@@ -74,17 +74,18 @@ def test_label_efficiency_runs_pretrained_scratch_and_baseline_on_the_same_cells
         command = [sys.executable, "-m", "benchmarks.label_efficiency", "--data", str(tmp_path / "cells.h5ad"),
                    "--pretrained", str(tmp_path / "pt" / "model"), "--architecture", "scbert2-tiny", "--k", k,
                    "--draws", "2", "--first_draw", "1", "--steps", "4", "--output_dir", str(tmp_path / "runs"),
-                   "--results_dir", str(out), "--name", "probe", "--pretrained_args", "--encoder_learning_rate_scale 0",
-                   "--reuse_scratch", str(out / "label_efficiency_cells.json"), "--", "--ema_decay", "0", *common]
+                   "--results_dir", str(out), "--name", "scale_0.0", "--pretrained_args",
+                   "--encoder_learning_rate_scale 0", "--reuse_scratch", str(out / "label_efficiency_cells.json"), "--",
+                   "--ema_decay", "0", *common]
         return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
 
     result = probe("2")
     assert result.returncode == 0, result.stderr[-3000:]
-    probed = json.loads((out / "label_efficiency_probe.json").read_text())
+    probed = json.loads((out / "label_efficiency_scale_0.0.json").read_text())  # a dot in --name is kept
     assert [run["scratch"]["macro_f1"] for run in probed["runs"]] == [
         run["scratch"]["macro_f1"] for run in summary["runs"] if run["k"] == 2]
     assert "--encoder_learning_rate_scale 0" in result.stdout
-    assert not (tmp_path / "runs" / "probe" / "k2" / "draw1" / "scratch").exists()
+    assert not (tmp_path / "runs" / "scale_0.0" / "k2" / "draw1" / "scratch").exists()
     missing = probe("3")
     assert missing.returncode != 0 and "--reuse_scratch has no from-scratch run for k = 3, draw 1" in missing.stderr
 
