@@ -205,7 +205,7 @@ def machine_info() -> dict:
     return {
         "cpu_model": _cpu_model(),
         # The vector instructions PyTorch's kernels use (AVX2, AVX512, ...): one model name covers both kinds of this
-        # project's machines, whose float results differ in their last bits and so whose training runs diverge.
+        # project's machines, whose speeds differ (bfloat16 is native on one only).
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "cpu_count": os.cpu_count(),
         "cpus_available": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
