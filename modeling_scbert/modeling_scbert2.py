@@ -716,7 +716,10 @@ def pool_expression(
         input_ids != config.cls_token_id)
     if attention_mask is not None:
         gene_mask &= attention_mask.bool()
-    weighted = torch.where(gene_mask, values, 0.0).unsqueeze(-1).to(gene_table.dtype) * gene_table[input_ids]
+    # F.embedding rather than gene_table[input_ids]: on CPU the indexing's backward sums a gene's gradient with
+    # atomic adds in thread order, so two identical runs of fine-tuning drifted apart from the first step.
+    genes = F.embedding(input_ids, gene_table)  # [B, L] -> [B, L, H]
+    weighted = torch.where(gene_mask, values, 0.0).unsqueeze(-1).to(gene_table.dtype) * genes
     if cu_seq_lens is None:
         return weighted.sum(dim=1)  # [B, L, H] -> [B, H]
     segment_ids = packed_segment_ids(cu_seq_lens, input_ids.shape[1])
