@@ -685,6 +685,24 @@ def test_finetune_expression_pooling_is_on_by_default_and_saved_with_the_head(fi
                                     "1", "--no_baseline", "--expression_pooling"))
 
 
+def test_finetune_twice_with_the_same_seed_gives_the_same_weights(finetune_data, tmp_path):
+    """Bitwise, with two intra-op threads (where thread timing could reorder a sum): every run of a seed is the same
+    run, so a change in results is a change in the code or the data. Batches of 64 cells: large enough for PyTorch
+    to split the gene table's gradient sum across the threads (at 16 it stays on one, and the test could not fail)."""
+    torch.set_num_threads(2)
+    try:
+        for run in ("a", "b"):
+            finetune.main(finetune_args(finetune_data, tmp_path / run, "--architecture", "scbert2-tiny",
+                                        "--max_steps", "6", "--no_baseline", "--highly_variable_genes", "40",
+                                        "--per_device_batch_size", "64"))
+    finally:
+        torch.set_num_threads(1)
+    assert_same_weights(weights(tmp_path / "a" / "model"), weights(tmp_path / "b" / "model"), atol=0)
+    scores = [{key: value for key, value in json.loads((tmp_path / run / "results.json").read_text())["model"].items()
+               if not key.endswith("seconds")} for run in ("a", "b")]
+    assert scores[0] == scores[1] and "macro_f1" in scores[0]
+
+
 def test_finetune_scbert_v1_from_scratch_keeps_the_full_panel(finetune_data, tmp_path):
     output = tmp_path / "run"
     results = finetune.main(finetune_args(finetune_data, output, "--architecture", "scbert-small", "--num_epochs", "1",
