@@ -7,7 +7,8 @@ regression, with k labelled cells per type and every other cell as the test set.
 Each (k, draw) runs `python -m train.finetune --labelled_per_class k --seed draw` twice, once from the checkpoint and
 once from scratch (same labelled cells: the draw is seeded), so the three methods see the same cells
 (`--reuse_scratch` takes the from-scratch arm from earlier results instead, `--pretrained_args` adds flags to the
-pretrained arm only). Every run trains for about --steps optimizer steps (k labelled cells give few batches per
+pretrained arm only; `--continue_pretraining EPOCHS` first pretrains the checkpoint further on the data's cells,
+without their labels, and starts the pretrained arm from that). Every run trains for about --steps optimizer steps (k labelled cells give few batches per
 epoch). Writes benchmarks/results/label_efficiency/label_efficiency_<name>.json, .md and .png.
 """
 
@@ -59,6 +60,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="take the from-scratch arm of every (k, draw) from these earlier results of this "
                              "benchmark on the same data instead of training it again (its cells are the same: the "
                              "draw is seeded); for comparing pretrained-arm settings")
+    parser.add_argument("--continue_pretraining", type=int, default=0, metavar="EPOCHS",
+                        help="first pretrain the checkpoint further on every cell of --data, without labels, as "
+                             "`scbert main --pretrain_epochs EPOCHS` does, and fine-tune the pretrained arm from that")
+    parser.add_argument("--continue_pretraining_args", default="",
+                        help="more train.pretrain flags for --continue_pretraining, one string")
     parser.add_argument("finetune_args", nargs=argparse.REMAINDER, help="after '--': extra train.finetune flags")
     return parser.parse_args(argv)
 
@@ -78,6 +84,24 @@ def earlier_scratch_runs(paths: list[str], data: str, needed: list[tuple[int, in
             raise ValueError(f"--reuse_scratch has no from-scratch run for k = {k}, draw {draw} (it has "
                              f"{sorted(runs)}); run those files' k and draws, or drop --reuse_scratch.")
     return runs
+
+
+def continue_pretraining(args, out: Path) -> dict:
+    """The checkpoint pretrained further on the data's cells (labels unused), with the learning rate and seed of
+    `scbert main`'s pretraining stage; its folder and what it took."""
+    from train.main import parse_args as main_defaults
+
+    defaults = main_defaults([])
+    command = [sys.executable, "-m", "train.pretrain", "--data", args.data, "--model", args.pretrained,
+               "--num_epochs", str(args.continue_pretraining), "--seed", str(defaults.seed),
+               "--per_device_batch_size", str(defaults.batch_size), "--learning_rate", str(defaults.learning_rate),
+               "--output_dir", str(out), "--no_progress_bar", *shlex.split(args.continue_pretraining_args)]
+    print("$ " + " ".join(command), flush=True)
+    start = time.perf_counter()
+    subprocess.run(command, check=True, cwd=ROOT)
+    return {"folder": str(out / "model"), "epochs": args.continue_pretraining,
+            "extra_args": args.continue_pretraining_args, "seconds": time.perf_counter() - start,
+            "summary": json.loads((out / "pretrain_summary.json").read_text())}
 
 
 def scratch_run(args, k: int, draw: int, out: Path, epochs: int, extra: list[str], reused: dict | None) -> dict:
@@ -122,6 +146,10 @@ def write_report(summary: dict, path: Path) -> None:
         scratch += f" (taken from {', '.join(summary['scratch_reused_from'])})"
     if summary.get("pretrained_args"):
         scratch += f"; pretrained arm: `{summary['pretrained_args']}`"
+    if summary.get("continued_pretraining"):
+        continued = summary["continued_pretraining"]
+        scratch += (f"; pretrained arm from the checkpoint pretrained {continued['epochs']} more epoch(s) on all of "
+                    f"these cells, without labels ({continued['seconds'] / 60:.1f} min)")
     lines = [f"# Label efficiency: {Path(summary['data']).name}", "",
              f"k labelled cells per type (at most half of a type), every other cell tested; {summary['draws']} draws "
              f"(seeds {summary['first_draw']} to {summary['first_draw'] + summary['draws'] - 1}) "
@@ -169,11 +197,13 @@ def main(argv=None) -> dict:
               if args.reuse_scratch else None)
     counts = class_counts(args.data, args.label_key)
     start, runs = time.perf_counter(), []
+    continued = continue_pretraining(args, Path(args.output_dir) / name / "continued") if args.continue_pretraining else None
+    start_from = continued["folder"] if continued else args.pretrained
     for k in args.k:
         epochs = epochs_for(k, counts, args.steps, args.batch_size)
         for draw in draws:
             out = Path(args.output_dir) / name / f"k{k}" / f"draw{draw}"
-            pretrained = run(args, k, draw, ["--model", args.pretrained, *shlex.split(args.pretrained_args)],
+            pretrained = run(args, k, draw, ["--model", start_from, *shlex.split(args.pretrained_args)],
                              out / "pretrained", epochs, extra)
             scratch = scratch_run(args, k, draw, out, epochs, extra, reused)
             runs.append({"k": k, "draw": draw, "epochs": epochs, "train_cells": pretrained["split"]["train"],
@@ -183,6 +213,7 @@ def main(argv=None) -> dict:
                "architecture_from_scratch": args.architecture, "scratch": args.scratch, "draws": args.draws,
                "first_draw": args.first_draw, "steps": args.steps, "finetune_args": extra,
                "pretrained_args": args.pretrained_args, "scratch_reused_from": args.reuse_scratch,
+               "continued_pretraining": continued,
                "class_counts": counts, "wall_seconds": time.perf_counter() - start,
                "machine": machine_info(), "runs": runs}
     summary["table"] = summarise(runs)

@@ -89,6 +89,21 @@ def test_label_efficiency_runs_pretrained_scratch_and_baseline_on_the_same_cells
     missing = probe("3")
     assert missing.returncode != 0 and "--reuse_scratch has no from-scratch run for k = 3, draw 1" in missing.stderr
 
+    # The pretrained arm from the checkpoint pretrained further on the cells (no labels).
+    command = [sys.executable, "-m", "benchmarks.label_efficiency", "--data", str(tmp_path / "cells.h5ad"),
+               "--pretrained", str(tmp_path / "pt" / "model"), "--architecture", "scbert2-tiny", "--k", "2",
+               "--draws", "1", "--first_draw", "1", "--steps", "4", "--output_dir", str(tmp_path / "runs"),
+               "--results_dir", str(out), "--name", "continued", "--continue_pretraining", "1",
+               "--continue_pretraining_args", f"--max_steps 2 {' '.join(common)}",
+               "--reuse_scratch", str(out / "label_efficiency_cells.json"), "--", "--ema_decay", "0", *common]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    continued = json.loads((out / "label_efficiency_continued.json").read_text())["continued_pretraining"]
+    folder = tmp_path / "runs" / "continued" / "continued" / "model"
+    assert continued["folder"] == str(folder) and continued["summary"]["steps"] == 2
+    log = tmp_path / "runs" / "continued" / "k2" / "draw1" / "pretrained" / "logs" / "finetune.jsonl"
+    assert json.loads(log.read_text().splitlines()[0])["config"]["model"] == str(folder)
+
 
 def test_zero_shot_scores_the_checkpoint_against_pca(tmp_path):
     checkpoints = [str(ROOT / "checkpoints" / name) for name in ("scbert2-small", "scbert-small")]
