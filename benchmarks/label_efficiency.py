@@ -8,8 +8,8 @@ Each (k, draw) runs `python -m train.finetune --labelled_per_class k --seed draw
 once from scratch (same labelled cells: the draw is seeded), so the three methods see the same cells
 (`--reuse_scratch` takes the from-scratch arm from earlier results instead, `--pretrained_args` adds flags to the
 pretrained arm only; `--continue_pretraining EPOCHS` first pretrains the checkpoint further on the data's cells,
-without their labels, and starts the pretrained arm from that). Every run trains for about --steps optimizer steps (k labelled cells give few batches per
-epoch). Writes benchmarks/results/label_efficiency/label_efficiency_<name>.json, .md and .png.
+without their labels, and starts the pretrained arm from that). Every run trains for about --steps optimizer steps
+(k labelled cells give few batches per epoch). Writes benchmarks/results/label_efficiency/label_efficiency_<name>.json, .md and .png.
 """
 
 from __future__ import annotations
@@ -197,7 +197,8 @@ def main(argv=None) -> dict:
               if args.reuse_scratch else None)
     counts = class_counts(args.data, args.label_key)
     start, runs = time.perf_counter(), []
-    continued = continue_pretraining(args, Path(args.output_dir) / name / "continued") if args.continue_pretraining else None
+    continued = (continue_pretraining(args, Path(args.output_dir) / name / "continued") if args.continue_pretraining
+                 else None)
     start_from = continued["folder"] if continued else args.pretrained
     for k in args.k:
         epochs = epochs_for(k, counts, args.steps, args.batch_size)
