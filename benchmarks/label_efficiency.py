@@ -187,6 +187,9 @@ def write_report(summary: dict, path: Path) -> None:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    if args.continue_pretraining < 0:
+        raise ValueError(f"--continue_pretraining takes a number of epochs >= 0 (0: start from the checkpoint as it "
+                         f"is), got {args.continue_pretraining}.")
     name = args.name or Path(args.data).stem
     resolve_data(args)
     args.architecture = args.architecture or json.loads((Path(args.pretrained) / "release.json").read_text()).get(

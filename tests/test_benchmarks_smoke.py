@@ -105,6 +105,14 @@ def test_label_efficiency_runs_pretrained_scratch_and_baseline_on_the_same_cells
     assert json.loads(log.read_text().splitlines()[0])["config"]["model"] == str(folder)
 
 
+def test_label_efficiency_refuses_a_negative_continued_pretraining(tmp_path):
+    from benchmarks import label_efficiency
+
+    with pytest.raises(ValueError, match="--continue_pretraining takes a number of epochs >= 0"):
+        label_efficiency.main(["--continue_pretraining", "-1", "--output_dir", str(tmp_path)])
+    assert not any(tmp_path.iterdir())
+
+
 def test_zero_shot_scores_the_checkpoint_against_pca(tmp_path):
     checkpoints = [str(ROOT / "checkpoints" / name) for name in ("scbert2-small", "scbert-small")]
     command = [sys.executable, "-m", "benchmarks.zero_shot", "--checkpoints", *checkpoints, "--datasets",
