@@ -9,7 +9,8 @@ once from scratch (same labelled cells: the draw is seeded), so the three method
 (`--reuse_scratch` takes the from-scratch arm from earlier results instead, `--pretrained_args` adds flags to the
 pretrained arm only; `--continue_pretraining EPOCHS` first pretrains the checkpoint further on the data's cells,
 without their labels, and starts the pretrained arm from that). Every run trains for about --steps optimizer steps
-(k labelled cells give few batches per epoch). Writes benchmarks/results/label_efficiency/label_efficiency_<name>.json, .md and .png.
+(k labelled cells give few batches per epoch). Writes benchmarks/results/label_efficiency/label_efficiency_<name>.json,
+.md and .png.
 """
 
 from __future__ import annotations
@@ -139,21 +140,21 @@ def summarise(runs: list[dict]) -> dict:
     return table
 
 
-def write_report(summary: dict, path: Path) -> None:
-    scratch = ("its architecture and genes" if summary.get("scratch") == "checkpoint"
-               else summary["architecture_from_scratch"])
+def write_report(summary: dict, results: Path, stem: str) -> None:
+    arms = ("its architecture and genes" if summary.get("scratch") == "checkpoint"
+            else summary["architecture_from_scratch"])
     if summary.get("scratch_reused_from"):
-        scratch += f" (taken from {', '.join(summary['scratch_reused_from'])})"
+        arms += f" (taken from {', '.join(summary['scratch_reused_from'])})"
     if summary.get("pretrained_args"):
-        scratch += f"; pretrained arm: `{summary['pretrained_args']}`"
+        arms += f"; pretrained arm: `{summary['pretrained_args']}`"
     if summary.get("continued_pretraining"):
         continued = summary["continued_pretraining"]
-        scratch += (f"; pretrained arm from the checkpoint pretrained {continued['epochs']} more epoch(s) on all of "
-                    f"these cells, without labels ({continued['seconds'] / 60:.1f} min)")
+        arms += (f"; pretrained arm from the checkpoint pretrained {continued['epochs']} more epoch(s) on all of "
+                 f"these cells, without labels ({continued['seconds'] / 60:.1f} min)")
     lines = [f"# Label efficiency: {Path(summary['data']).name}", "",
              f"k labelled cells per type (at most half of a type), every other cell tested; {summary['draws']} draws "
              f"(seeds {summary['first_draw']} to {summary['first_draw'] + summary['draws'] - 1}) "
-             f"each; checkpoint `{summary['pretrained']}`; from scratch: {scratch}"
+             f"each; checkpoint `{summary['pretrained']}`; from scratch: {arms}"
              f"; {summary['wall_seconds'] / 60:.1f} min on "
              f"{summary['machine']['cpu_model']} ({summary['machine']['cpu_capability']}).", "",
              "| k | pretrained macro-F1 | from scratch | logistic regression | pretrained accuracy | scratch | LR |",
@@ -162,7 +163,7 @@ def write_report(summary: dict, path: Path) -> None:
         cells = [f"{row[f'{m}_macro_f1']['mean']:.3f} ± {row[f'{m}_macro_f1']['std']:.3f}" for m in METHODS]
         cells += [f"{row[f'{m}_accuracy']['mean']:.3f}" for m in METHODS]
         lines.append(f"| {k} | " + " | ".join(cells) + " |")
-    path.with_name(path.name + ".md").write_text("\n".join(lines) + "\n")
+    (results / f"{stem}.md").write_text("\n".join(lines) + "\n")
 
     import matplotlib
 
@@ -182,7 +183,7 @@ def write_report(summary: dict, path: Path) -> None:
     axis.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     axis.legend(fontsize=8)
     figure.tight_layout()
-    figure.savefig(path.with_name(path.name + ".png"), dpi=120)
+    figure.savefig(results / f"{stem}.png", dpi=120)
 
 
 def main(argv=None) -> dict:
@@ -223,10 +224,10 @@ def main(argv=None) -> dict:
     summary["table"] = summarise(runs)
     results = Path(args.results_dir)
     results.mkdir(parents=True, exist_ok=True)
-    path = results / f"label_efficiency_{name}"
-    path.with_name(path.name + ".json").write_text(json.dumps(summary, indent=2))
-    write_report(summary, path)
-    print((path.with_name(path.name + ".md")).read_text())
+    stem = f"label_efficiency_{name}"
+    (results / f"{stem}.json").write_text(json.dumps(summary, indent=2))
+    write_report(summary, results, stem)
+    print((results / f"{stem}.md").read_text())
     return summary
 
 
