@@ -264,6 +264,30 @@ def test_duplicate_matches_keep_the_symbol_match_and_are_reported():
     assert report.duplicates_dropped == [ensembl["ACTB"]]
 
 
+def test_add_genes_appends_only_what_the_vocabulary_does_not_match_and_round_trips(tmp_path):
+    human_to_mouse = {h: m for h, m in gene_table("orthologs_1v1_human_mouse.csv.gz")}
+    differing = next(h for h, m in human_to_mouse.items() if h.upper() != m.upper())
+    tok = GeneExpressionTokenizer(genes=["ACTB", differing], mode="scbert2", min_overlap=0.0)
+    # by symbol (any case), by ortholog, new, new again, a case variant of the new one
+    names = ["actb", human_to_mouse[differing], "Gm12345", "Gm12345", "GM12345", "NEW_GENE"]
+    assert tok.add_genes(names) == 2
+    assert tok.genes == ["ACTB", differing, "Gm12345", "NEW_GENE"] and len(tok) == 3 + 4
+    assert tok.add_genes(names) == 0
+    index, report = tok.match_genes(names)
+    assert index.tolist() == [0, 1, 2, -1, -1, 3] and report.duplicates_dropped == ["Gm12345", "GM12345"]
+    tok.save_pretrained(tmp_path)
+    assert GeneExpressionTokenizer.from_pretrained(tmp_path).get_vocab() == tok.get_vocab()
+
+
+def test_add_genes_is_refused_for_scbert_v1_and_for_special_token_names():
+    with pytest.raises(ValueError, match="fixed gene panel"):
+        GeneExpressionTokenizer(genes=["ACTB"], mode="scbert").add_genes(["GCG"])
+    tok = GeneExpressionTokenizer(genes=["ACTB"], mode="scbert2")
+    with pytest.raises(ValueError, match="clash with the special tokens"):
+        tok.add_genes(["GCG", tok.pad_token])
+    assert tok.genes == ["ACTB"]
+
+
 def test_human_ensembl_ids_reach_a_mouse_vocabulary_through_orthologs(baron, pbmc3k_genes):
     symbols, ensembl_ids = pbmc3k_genes
     tok = GeneExpressionTokenizer(genes=list(baron.var_names), min_overlap=0.0)

@@ -1344,3 +1344,51 @@ def test_the_aligned_gene_table_is_the_data_table_turned_toward_the_checkpoints(
     torch.testing.assert_close(aligned @ aligned.T, data @ data.T, atol=1e-4, rtol=1e-4)  # a rotation of it
     assert torch.dist(aligned, checkpoint) < torch.dist(data, checkpoint)
     torch.testing.assert_close(tables["default"], aligned)
+
+
+def test_add_data_genes_grows_the_vocabulary_and_the_gene_table_by_the_datas_new_genes(pretrain_data, finetune_data,
+                                                                                       tmp_path):
+    import scipy.sparse as sp
+    from scipy.linalg import orthogonal_procrustes
+
+    corpus = ad_read(pretrain_data)[:, :-40].copy()  # the checkpoint never saw the data's last 40 genes
+    corpus.write_h5ad(tmp_path / "corpus.h5ad")
+    pretrained = pretrain.main(pretrain_args(tmp_path / "corpus.h5ad", tmp_path / "pt", "scbert2-tiny",
+                                             "--max_steps", "1"))
+    tables = {}
+    for gene_table in ("data", "aligned"):
+        finetune.main(finetune_args(finetune_data, tmp_path / gene_table, "--model", str(pretrained), "--add_data_genes",
+                                    "--gene_table", gene_table, "--freeze_gene_embeddings", "--num_epochs", "1",
+                                    "--no_baseline"))
+        tables[gene_table] = weights(tmp_path / gene_table / "model")["model.embeddings.gene_embeddings.weight"][3:]
+    output = tmp_path / "aligned"
+
+    cells = ad_read(finetune_data)
+    expressing = np.asarray((sp.csr_matrix(cells.X) > 0).sum(axis=0)).ravel()
+    new_genes = [g for g, n in zip(cells.var_names[-40:], expressing[-40:]) if n >= 3]
+    assert 0 < len(new_genes)
+    old, tokenizer = GeneExpressionTokenizer.from_pretrained(pretrained), GeneExpressionTokenizer.from_pretrained(output / "model")
+    assert tokenizer.genes == old.genes + new_genes
+    model = AutoModelForSequenceClassification.from_pretrained(output / "model")
+    assert model.config.vocab_size == len(tokenizer) == model.get_input_embeddings().weight.shape[0]
+    assert tables["data"][old.num_genes:].norm(dim=1).min() > 0  # the new genes' vectors come from the data's SVD
+    # The rotation is fitted on the genes the checkpoint has vectors for: the new rows have nothing to align to.
+    checkpoint = weights(pretrained)["model.embeddings.gene_embeddings.weight"][3:].double()
+    data = tables["data"].double()
+    rotation, _ = orthogonal_procrustes(data[:old.num_genes].numpy(), checkpoint.numpy())
+    torch.testing.assert_close(tables["aligned"].double(), data @ torch.from_numpy(rotation), atol=1e-5, rtol=1e-4)
+    batch = tokenizer(cells, return_tensors="pt")
+    assert batch["input_ids"].max() >= len(old)  # cells are read through the new genes
+    with torch.no_grad():
+        assert model(**batch).logits.shape == (cells.n_obs, len(FINETUNE_CLASSES))
+
+
+def test_add_data_genes_needs_a_scbert2_model_folder(finetune_data, tmp_path):
+    from train.genes import add_data_genes
+
+    with pytest.raises(ValueError, match="without a folder the vocabulary is already every gene"):
+        finetune.main(finetune_args(finetune_data, tmp_path / "ft", "--architecture", "scbert2-tiny",
+                                    "--add_data_genes"))
+    v1 = GeneExpressionTokenizer(genes=["ACTB"], mode="scbert")
+    with pytest.raises(ValueError, match="fixed panel of its positional table"):
+        add_data_genes(v1, ad_read(finetune_data))

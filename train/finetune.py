@@ -28,7 +28,7 @@ from transformers import AutoConfig, AutoModelForSequenceClassification
 from tokenization import GeneExpressionTokenizer
 from train.cli import run_command
 from train.data import ClassificationCollator, load_tokenized_dataset, make_loader, read_h5ad, training_fingerprint
-from train.genes import initialise_gene_embeddings, select_highly_variable_genes
+from train.genes import add_data_genes, initialise_gene_embeddings, select_highly_variable_genes
 from train.loop import EarlyStopping, add_training_arguments, make_accelerator, model_loss, run_identity, train_loop
 from train.metrics import classification_metrics, predict, predict_outputs, validation_metrics
 from train.novelty import (detector_score_names, fit_novelty_detector, flag_novel, model_expression_genes,
@@ -117,6 +117,11 @@ def build_parser() -> argparse.ArgumentParser:
                              "genes it rarely saw, e.g. pancreas markers, untrained). Baron, 10 labelled cells per "
                              "type, first draw: macro-F1 0.932 aligned, 0.868 data (from scratch 0.922); Baron, every "
                              "label (5-fold CV): 0.929 aligned, 0.969 data")
+    parser.add_argument("--add_data_genes", action="store_true",
+                        help="with a scBERT 2.0 --model: append the data's genes that the pretrained vocabulary lacks "
+                             "(expressed in >= 3 cells; e.g. mouse genes without a one-to-one human ortholog) to the "
+                             "vocabulary, their vectors from the data's SVD, so the classifier reads every gene a "
+                             "model from scratch reads")
     parser.add_argument("--freeze_gene_embeddings", action="store_true",
                         help="scBERT 2.0: keep the gene embedding table fixed (the SVD initialisation or the pretrained "
                              "table) and train the rest: a rare type's few training cells cannot then reshape the "
@@ -241,6 +246,10 @@ def load_labelled_cells(args: argparse.Namespace, accelerator):
         config, tokenizer = load_pretrained_folder(args.model, **tokenizer_overrides(args))
         if config.model_type == "scbert2":  # v1 reads every gene of its panel
             tokenizer.max_length = args.max_length
+        if args.add_data_genes:
+            added = add_data_genes(tokenizer, adata, args.gene_key)
+            accelerator.print(f"--add_data_genes: {added:,} of the data's genes added to the vocabulary "
+                              f"({tokenizer.num_genes:,} genes now)")
     else:
         tokenizer = GeneExpressionTokenizer.from_adata(adata, gene_key=args.gene_key,
                                                        mode=architecture_mode(args.architecture),
@@ -270,10 +279,15 @@ def build_classifier(args: argparse.Namespace, tokenizer: GeneExpressionTokenize
     gene_table = args.gene_table or ("aligned" if tokenizer.mode == "scbert2" else "data")
     if args.model and not args.from_scratch:
         model = AutoModelForSequenceClassification.from_pretrained(args.model, **labels, **pooling, **attention)
+        pretrained_genes = model.config.vocab_size - tokenizer.num_special_tokens
+        if len(tokenizer) > model.config.vocab_size:  # --add_data_genes
+            model.resize_token_embeddings(len(tokenizer))
         if gene_table in ("data", "aligned"):
-            initialise_gene_embeddings(model, train_cells, tokenizer, args, align=gene_table == "aligned")
+            initialise_gene_embeddings(model, train_cells, tokenizer, args, align=gene_table == "aligned",
+                                       pretrained_genes=pretrained_genes)
     else:
-        config = (AutoConfig.from_pretrained(args.model, **labels, **pooling) if args.model
+        grown = {"vocab_size": len(tokenizer)} if args.add_data_genes else {}
+        config = (AutoConfig.from_pretrained(args.model, **labels, **pooling, **grown) if args.model
                   else architecture_config(args.architecture, tokenizer, **labels, **pooling))
         model = AutoModelForSequenceClassification.from_config(config, **attention)
         initialise_gene_embeddings(model, train_cells, tokenizer, args)
@@ -301,6 +315,9 @@ def main(argv=None) -> dict:
     if args.encoder_learning_rate_scale != 1.0 and (not args.model or args.from_scratch):
         raise ValueError("--encoder_learning_rate_scale slows the pretrained encoder layers of a --model folder; "
                          "from scratch there are none (drop the flag, or fine-tune --model without --from_scratch).")
+    if args.add_data_genes and not args.model:
+        raise ValueError("--add_data_genes grows a pretrained --model folder's vocabulary by the data's genes; without "
+                         "a folder the vocabulary is already every gene of the data (drop the flag).")
     if args.encoder_learning_rate_scale < 0:
         raise ValueError(f"--encoder_learning_rate_scale takes a multiple of --learning_rate >= 0 (0 keeps the "
                          f"pretrained layers fixed), got {args.encoder_learning_rate_scale}.")

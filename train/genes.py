@@ -44,6 +44,22 @@ def highly_variable_genes(matrix, tokenizer: GeneExpressionTokenizer, n_top_gene
     return [tokenizer.genes[i] for i in expressed[chosen]]
 
 
+MIN_CELLS_PER_NEW_GENE = 3  # as the corpus's QC keeps genes (train/corpus.py)
+
+
+def add_data_genes(tokenizer: GeneExpressionTokenizer, adata, gene_key: str | None = None) -> int:
+    """``--add_data_genes``: the data's genes that a pretrained vocabulary does not match (mouse genes without a
+    one-to-one human ortholog, genes the corpus never expressed), expressed in at least ``MIN_CELLS_PER_NEW_GENE``
+    cells, appended to the vocabulary; how many were added. Their vectors come from the data's SVD, as every gene's
+    does from scratch."""
+    if tokenizer.mode != "scbert2":
+        raise ValueError("--add_data_genes grows scBERT 2.0's gene table; scBERT v1 reads the fixed panel of its "
+                         "positional table. Drop the flag or fine-tune a scBERT 2.0 model.")
+    names = np.asarray(GeneExpressionTokenizer._gene_names(adata, gene_key))
+    cells_expressing = np.asarray((adata.X != 0).sum(axis=0)).ravel()
+    return tokenizer.add_genes(names[cells_expressing >= MIN_CELLS_PER_NEW_GENE])
+
+
 def select_highly_variable_genes(tokenizer: GeneExpressionTokenizer, dataset, args: argparse.Namespace) -> None:
     """Applies ``--highly_variable_genes`` to a scBERT 2.0 tokenizer (scBERT v1 reads the full gene panel)."""
     if args.highly_variable_genes and tokenizer.mode == "scbert2":
@@ -95,12 +111,14 @@ def align_gene_embeddings(vectors: np.ndarray, reference: np.ndarray, genes: np.
 
 
 def initialise_gene_embeddings(model, dataset, tokenizer: GeneExpressionTokenizer, args: argparse.Namespace,
-                               align: bool = False, cell_weights: np.ndarray | None = None) -> None:
+                               align: bool = False, cell_weights: np.ndarray | None = None,
+                               pretrained_genes: int | None = None) -> None:
     """Applies ``--gene_embedding_init svd`` / ``svd_whitened`` / ``svd_scaled`` to a model: scBERT 2.0's gene table,
     or scBERT v1's frozen positional table, where scBERT has gene2vec (itself an embedding of gene co-expression).
     Without it v1 cannot tell its genes apart, and from scratch it learns only the class prior. With ``align`` (a
     pretrained scBERT 2.0), the SVD table is first rotated onto the model's own table over the genes the cells
-    express. ``cell_weights``: see ``svd_gene_embeddings``."""
+    express, among its first ``pretrained_genes`` (those the pretrained table holds; default all: a vocabulary grown by
+    ``add_data_genes`` has new rows with nothing to align to). ``cell_weights``: see ``svd_gene_embeddings``."""
     if not args.gene_embedding_init.startswith("svd"):
         return
     if model.config.model_type == "scbert" and not model.config.use_gene2vec:
@@ -112,6 +130,7 @@ def initialise_gene_embeddings(model, dataset, tokenizer: GeneExpressionTokenize
     if align:
         table = model.get_input_embeddings().weight.detach().float().cpu().numpy()
         expressed = np.flatnonzero(matrix.getnnz(axis=0) > 0)
+        expressed = expressed[expressed < (pretrained_genes or tokenizer.num_genes)]
         vectors = align_gene_embeddings(vectors, table[-vectors.shape[0]:], expressed)
     if model.config.model_type == "scbert2":
         model.load_gene_embeddings(vectors)

@@ -282,6 +282,26 @@ class GeneExpressionTokenizer(PushToHubMixin):
             return tokens[int(ids)]
         return [tokens[int(i)] for i in ids]
 
+    def add_genes(self, gene_names: Sequence[str]) -> int:
+        """Appends the named genes that the vocabulary does not already match (by symbol, Ensembl id or ortholog, as
+        `match_genes` matches) and returns how many were added, as ``add_tokens`` does; the model's table then needs
+        ``resize_token_embeddings(len(tokenizer))``. scBERT 2.0 only: scBERT v1's positional table fixes its panel."""
+        if self.mode != "scbert2":
+            raise ValueError("add_genes needs mode='scbert2': scBERT v1 reads a fixed gene panel in the order of its "
+                             "positional table.")
+        names = [str(g) for g in gene_names]
+        clashes = sorted(set(names) & set(SPECIAL_TOKENS))
+        if clashes:
+            raise ValueError(f"Gene names {clashes} clash with the special tokens {SPECIAL_TOKENS}.")
+        candidates, _ = self._find_candidates(names)
+        added = 0
+        for name, candidate in zip(names, candidates):
+            if candidate < 0 and name.upper() not in self._index_by_key:  # the second of two case variants is matched
+                self._index_by_key[name.upper()] = len(self.genes)
+                self.genes.append(name)
+                added += 1
+        return added
+
     @classmethod
     def from_adata(cls, adata: Any, gene_key: str | None = None, **kwargs: Any) -> "GeneExpressionTokenizer":
         """A tokenizer whose vocabulary is the genes of ``adata`` (its ``var_names`` or ``var[gene_key]``)."""
