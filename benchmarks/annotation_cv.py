@@ -1,8 +1,8 @@
 """Cell type annotation quality: k-fold cross-validation of fine-tuned scBERT 2.0 against L1 logistic regression.
 
-    python benchmarks/annotation_cv.py                                   # Baron mouse pancreas, 5 folds
-    python benchmarks/annotation_cv.py --data other.h5ad --label_key cell_type --pretrained runs/pt/model
-    python benchmarks/annotation_cv.py --data pbmc68k_reduced             # scanpy's Zheng68K subset, another tissue
+    python -m benchmarks.annotation_cv                                   # Baron mouse pancreas, 5 folds
+    python -m benchmarks.annotation_cv --data other.h5ad --label_key cell_type --pretrained runs/pt/model
+    python -m benchmarks.annotation_cv --data pbmc68k_reduced             # scanpy's Zheng68K subset, another tissue
 
 `--data pbmc68k_reduced` writes scanpy's bundled 700 PBMCs (10x, human, 10 FACS-sorted `bulk_labels`) with their
 log-normalised `.raw` values (765 genes) to an .h5ad under --output_dir first: .X of that object is z-scored, which

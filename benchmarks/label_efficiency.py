@@ -1,8 +1,8 @@
 """Label efficiency: fine-tuned from the pretrained checkpoint vs the same model from scratch vs L1 logistic
 regression, with k labelled cells per type and every other cell as the test set.
 
-    python benchmarks/label_efficiency.py                                    # Baron mouse, k = 3 5 10 25, 3 draws
-    python benchmarks/label_efficiency.py --k 3 10 --draws 2 --data pbmc68k_reduced
+    python -m benchmarks.label_efficiency                                    # Baron mouse, k = 3 5 10 25, 3 draws
+    python -m benchmarks.label_efficiency --k 3 10 --draws 2 --data pbmc68k_reduced
 
 Each (k, draw) runs `python -m train.finetune --labelled_per_class k --seed draw` twice, once from the checkpoint and
 once from scratch (same labelled cells: the draw is seeded), so the three methods see the same cells

@@ -1,7 +1,7 @@
 """Zero-shot cell embeddings (no labels, no fine-tuning): does the pretrained checkpoint place cells of one type
 together better than PCA of the expression?
 
-    python benchmarks/zero_shot.py                          # Baron mouse and pbmc68k_reduced, shipped checkpoints
+    python -m benchmarks.zero_shot                          # Baron mouse and pbmc68k_reduced, shipped checkpoints
 
 For each data set: the mean-pooled last hidden state of the checkpoint, its tokens drawn from the most expressed
 genes (as in pretraining) or from the data set's 2,000 highly variable genes (as in fine-tuning; no labels read);

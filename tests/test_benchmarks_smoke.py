@@ -264,3 +264,21 @@ def test_compression_panel_keeps_the_most_variable_genes_of_every_cell(baron_sma
     assert list(panel.var_names) == list(baron_small.var_names[variable])  # scanpy's choice, in the data's order
     assert (panel.X != baron_small[:, panel.var_names].X).nnz == 0  # raw counts, untouched
     assert write_panel(str(source), 300, tmp_path / "out") == path  # built once, then reused
+
+
+def test_every_benchmark_command_in_the_docs_starts():
+    """`python benchmarks/x.py` puts benchmarks/ on sys.path, not the repository root, so a script that imports the
+    benchmarks package fails that way; the docs must name each script as it runs (else `python -m benchmarks.x`)."""
+    import re
+
+    docs = [ROOT / "README.md", *ROOT.glob("benchmarks/**/*.md"), *ROOT.glob("checkpoints/**/*.md"),
+            *ROOT.glob("benchmarks/*.py")]
+    commands = {match for path in docs for match in re.findall(r"python (benchmarks/\w+\.py|-m benchmarks\.\w+)",
+                                                                  path.read_text())}
+    scripts = sorted(c for c in commands if c.endswith(".py"))
+    modules = sorted(c.split(".")[-1] for c in commands if c.startswith("-m"))
+    assert scripts and modules
+    assert all((ROOT / "benchmarks" / f"{name}.py").exists() for name in modules), modules
+    for script in scripts:  # `-m` puts the root on sys.path; a script run by path does not
+        out = subprocess.run([sys.executable, script, "--help"], cwd=ROOT, capture_output=True, text=True)
+        assert out.returncode == 0, f"python {script} --help: {out.stderr[-1500:]}"
