@@ -281,7 +281,7 @@ def build_classifier(args: argparse.Namespace, tokenizer: GeneExpressionTokenize
     if args.model and not args.from_scratch:
         model = AutoModelForSequenceClassification.from_pretrained(args.model, **labels, **pooling, **attention)
         pretrained_genes = model.config.vocab_size - tokenizer.num_special_tokens
-        if len(tokenizer) > model.config.vocab_size:  # --add_data_genes
+        if args.add_data_genes:  # scBERT 2.0 only (checked on loading): v1's vocab_size counts expression bins
             model.resize_token_embeddings(len(tokenizer))
         if gene_table in ("data", "aligned"):
             initialise_gene_embeddings(model, train_cells, tokenizer, args, align=gene_table == "aligned",
