@@ -280,8 +280,9 @@ def build_classifier(args: argparse.Namespace, tokenizer: GeneExpressionTokenize
     gene_table = args.gene_table or ("aligned" if tokenizer.mode == "scbert2" else "data")
     if args.model and not args.from_scratch:
         model = AutoModelForSequenceClassification.from_pretrained(args.model, **labels, **pooling, **attention)
-        pretrained_genes = model.config.vocab_size - tokenizer.num_special_tokens
+        pretrained_genes = None  # every gene of the vocabulary has a pretrained vector
         if args.add_data_genes:  # scBERT 2.0 only (checked on loading): v1's vocab_size counts expression bins
+            pretrained_genes = model.config.vocab_size - tokenizer.num_special_tokens
             model.resize_token_embeddings(len(tokenizer))
         if gene_table in ("data", "aligned"):
             initialise_gene_embeddings(model, train_cells, tokenizer, args, align=gene_table == "aligned",

@@ -127,6 +127,12 @@ def _warn_about_legacy_augmentation(settings: dict[str, Any]) -> None:
         )
 
 
+def _refuse_special_token_names(genes: Sequence[str]) -> None:
+    clashes = sorted(set(genes) & set(SPECIAL_TOKENS))
+    if clashes:
+        raise ValueError(f"Gene names {clashes} clash with the special tokens {SPECIAL_TOKENS}.")
+
+
 def describe_gene_ids(names: Sequence[str]) -> str:
     """A short guess of the identifier style, used in error messages."""
     sample = [str(n) for n in names[:200]]
@@ -181,9 +187,7 @@ class GeneExpressionTokenizer(PushToHubMixin):
         genes = [str(g) for g in genes]
         if not genes:
             raise ValueError("The vocabulary needs at least one gene; got an empty gene list.")
-        clashes = sorted(set(genes) & set(SPECIAL_TOKENS))
-        if clashes:
-            raise ValueError(f"Gene names {clashes} clash with the special tokens {SPECIAL_TOKENS}.")
+        _refuse_special_token_names(genes)
         keys = [g.upper() for g in genes]
         if len(set(keys)) != len(keys):
             repeated = sorted({k for k in keys if keys.count(k) > 1})[:5] if len(keys) < 50_000 else []
@@ -290,9 +294,7 @@ class GeneExpressionTokenizer(PushToHubMixin):
             raise ValueError("add_genes needs mode='scbert2': scBERT v1 reads a fixed gene panel in the order of its "
                              "positional table.")
         names = [str(g) for g in gene_names]
-        clashes = sorted(set(names) & set(SPECIAL_TOKENS))
-        if clashes:
-            raise ValueError(f"Gene names {clashes} clash with the special tokens {SPECIAL_TOKENS}.")
+        _refuse_special_token_names(names)
         candidates, _ = self._find_candidates(names)
         added = 0
         for name, candidate in zip(names, candidates):
