@@ -1356,12 +1356,14 @@ def test_add_data_genes_grows_the_vocabulary_and_the_gene_table_by_the_datas_new
     pretrained = pretrain.main(pretrain_args(tmp_path / "corpus.h5ad", tmp_path / "pt", "scbert2-tiny",
                                              "--max_steps", "1"))
     tables = {}
-    for gene_table in ("data", "aligned"):
-        finetune.main(finetune_args(finetune_data, tmp_path / gene_table, "--model", str(pretrained), "--add_data_genes",
-                                    "--gene_table", gene_table, "--freeze_gene_embeddings", "--num_epochs", "1",
-                                    "--no_baseline"))
+    for gene_table, flag in (("data", ["--add_data_genes"]), ("aligned", []), ("kept", ["--no-add_data_genes"])):
+        finetune.main(finetune_args(finetune_data, tmp_path / gene_table, "--model", str(pretrained), *flag,
+                                    "--gene_table", "data" if gene_table == "data" else "aligned",
+                                    "--freeze_gene_embeddings", "--num_epochs", "1", "--no_baseline"))
         tables[gene_table] = weights(tmp_path / gene_table / "model")["model.embeddings.gene_embeddings.weight"][3:]
-    output = tmp_path / "aligned"
+    output = tmp_path / "aligned"  # the default: a pretrained scBERT 2.0 folder reads the data's genes too
+    assert GeneExpressionTokenizer.from_pretrained(tmp_path / "kept" / "model").genes == \
+        GeneExpressionTokenizer.from_pretrained(pretrained).genes
 
     cells = ad_read(finetune_data)
     expressing = np.asarray((sp.csr_matrix(cells.X) > 0).sum(axis=0)).ravel()

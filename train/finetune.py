@@ -117,8 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "genes it rarely saw, e.g. pancreas markers, untrained). Baron, 10 labelled cells per "
                              "type, first draw: macro-F1 0.932 aligned, 0.868 data (from scratch 0.922); Baron, every "
                              "label (5-fold CV): 0.929 aligned, 0.969 data")
-    parser.add_argument("--add_data_genes", action="store_true",
-                        help="with a scBERT 2.0 --model: append the data's genes that the pretrained vocabulary lacks "
+    parser.add_argument("--add_data_genes", action=argparse.BooleanOptionalAction, default=None,
+                        help="fine-tuning a pretrained scBERT 2.0 --model (on unless --no-add_data_genes or "
+                             "--from_scratch): append the data's genes that the pretrained vocabulary lacks "
                              "(expressed in >= 3 cells; e.g. mouse genes without a one-to-one human ortholog) to the "
                              "vocabulary, their vectors from the data's SVD, so the classifier reads every gene a "
                              "model from scratch reads. Baron (2,487 genes added), 25 labelled cells per type, 4 "
@@ -247,6 +248,8 @@ def load_labelled_cells(args: argparse.Namespace, accelerator):
         config, tokenizer = load_pretrained_folder(args.model, **tokenizer_overrides(args))
         if config.model_type == "scbert2":  # v1 reads every gene of its panel
             tokenizer.max_length = args.max_length
+        if args.add_data_genes is None:  # the user's genes beyond the checkpoint's are the user's signal
+            args.add_data_genes = config.model_type == "scbert2" and not args.from_scratch
         if args.add_data_genes:
             added = add_data_genes(tokenizer, adata, args.gene_key)
             accelerator.print(f"--add_data_genes: {added:,} of the data's genes added to the vocabulary "
