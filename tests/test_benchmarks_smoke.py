@@ -282,3 +282,32 @@ def test_every_benchmark_command_in_the_docs_starts():
     for script in scripts:  # `-m` puts the root on sys.path; a script run by path does not
         out = subprocess.run([sys.executable, script, "--help"], cwd=ROOT, capture_output=True, text=True)
         assert out.returncode == 0, f"python {script} --help: {out.stderr[-1500:]}"
+
+
+def test_the_converged_baseline_is_one_fit_whatever_the_solvers_order(tmp_path):
+    """benchmarks/baseline_convergence.py reads its converged column as the baseline free of liblinear's shuffle:
+    two seeds, and the columns laid out as the checkpoint's vocabulary, must give the same fit on a real fold."""
+    import anndata
+
+    from benchmarks.annotation_cv import write_bundled_dataset
+    from benchmarks.baseline_convergence import CHECKPOINT, CONVERGED_TOLERANCE, fit_baseline
+    from benchmarks.celltypist_cv import fold_args
+    from tokenization import GeneExpressionTokenizer
+    from train import finetune
+    from train.genes import add_data_genes
+
+    path = str(write_bundled_dataset("pbmc68k_reduced", tmp_path))
+    adata = anndata.read_h5ad(path)
+    names = sorted(adata.obs["bulk_labels"].astype(str).unique())
+    labels = np.searchsorted(names, adata.obs["bulk_labels"].astype(str).to_numpy())
+    args = fold_args(path, "bulk_labels", 5)[0]
+    split = finetune.split_cells(labels, names, args)
+    own = GeneExpressionTokenizer.from_adata(adata, mode="scbert2").encode_matrix(adata)
+    checkpoint = GeneExpressionTokenizer.from_pretrained(CHECKPOINT)
+    add_data_genes(checkpoint, adata)
+    laid_out = checkpoint.encode_matrix(adata)
+    assert laid_out.shape[1] > own.shape[1]
+    fits = [fit_baseline(own, labels, names, split, (0.1, 1.0), 0, CONVERGED_TOLERANCE),
+            fit_baseline(own, labels, names, split, (0.1, 1.0), 1, CONVERGED_TOLERANCE),
+            fit_baseline(laid_out, labels, names, split, (0.1, 1.0), 1, CONVERGED_TOLERANCE)]
+    assert fits[0] == fits[1] == fits[2]
