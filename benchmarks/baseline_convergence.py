@@ -40,22 +40,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def fit_baseline(features, labels, names, split, grid, seed: int | None, tolerance: float) -> dict:
     """finetune's baseline (C picked on the validation cells), with liblinear's shuffle seeded and its tolerance set."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.multiclass import OneVsRestClassifier
+    from train.finetune import logistic_regression_baseline
 
-    from train.finetune import classification_metrics
-
-    def fit(C: float):
-        classifier = LogisticRegression(l1_ratio=1.0, solver="liblinear", C=C, max_iter=100_000, tol=tolerance,
-                                        random_state=seed)
-        return OneVsRestClassifier(classifier).fit(features[split["train"]], labels[split["train"]])
-
-    validation = {C: classification_metrics(labels[split["validation"]], fit(C).predict(features[split["validation"]]))
-                  ["macro_f1"] for C in grid}
-    best_C = max(grid, key=validation.get)
-    test = classification_metrics(labels[split["test"]], fit(best_C).predict(features[split["test"]]))
-    return {"accuracy": test["accuracy"], "macro_f1": test["macro_f1"], "C": best_C,
-            "validation_macro_f1": {str(C): score for C, score in validation.items()}}
+    fit = logistic_regression_baseline(features, labels, names, split, grid, max_iter=100_000, tol=tolerance,
+                                       random_state=seed)
+    return {key: fit[key] for key in ("accuracy", "macro_f1", "C", "validation_macro_f1")}
 
 
 def run_dataset(name: str, output_dir: Path) -> dict:

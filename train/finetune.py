@@ -195,15 +195,17 @@ def few_shot_split(labels: np.ndarray, per_class: int, seed: int) -> dict[str, n
 
 
 def logistic_regression_baseline(features, labels: np.ndarray, names: list[str], split: dict[str, np.ndarray],
-                                  grid: tuple[float, ...]) -> dict:
+                                  grid: tuple[float, ...], **solver_options) -> dict:
     """L1-regularised logistic regression (one-vs-rest) on log-normalised expression, the baseline that beats
     scBERT in the literature (Boiarsky et al. 2023). Its strength C is picked on the validation cells, as the model's
-    early stopping is, then it is refitted on the training cells and scored on the test cells."""
+    early stopping is, then it is refitted on the training cells and scored on the test cells. ``solver_options``
+    (e.g. ``tol``, ``random_state``) go to scikit-learn's ``LogisticRegression``; benchmarks/baseline_convergence.py
+    measures what its defaults leave to liblinear's shuffle."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.multiclass import OneVsRestClassifier
 
     def fit(C: float):
-        classifier = LogisticRegression(l1_ratio=1.0, solver="liblinear", C=C, max_iter=1000)
+        classifier = LogisticRegression(l1_ratio=1.0, solver="liblinear", C=C, **({"max_iter": 1000} | solver_options))
         return OneVsRestClassifier(classifier).fit(features[split["train"]], labels[split["train"]])
 
     start = time.perf_counter()
