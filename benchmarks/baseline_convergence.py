@@ -21,8 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.celltypist_cv import DATASETS, RESULTS, ROOT, fold_args
-from benchmarks.annotation_cv import write_bundled_dataset
+from benchmarks.celltypist_cv import DATASETS, RESULTS, ROOT, fold_args, load_labelled_cells
 from train.genes import add_data_genes
 
 CHECKPOINT = ROOT / "checkpoints" / "scbert2-small"
@@ -48,17 +47,10 @@ def fit_baseline(features, labels, names, split, grid, seed: int | None, toleran
 
 
 def run_dataset(name: str, output_dir: Path) -> dict:
-    import anndata
-
     from tokenization import GeneExpressionTokenizer
     from train import finetune
 
-    path, label_key, _ = DATASETS[name]
-    path = str(path or write_bundled_dataset(name, output_dir))
-    adata = anndata.read_h5ad(path)
-    names = sorted(adata.obs[label_key].astype(str).unique())
-    labels = np.searchsorted(names, adata.obs[label_key].astype(str).to_numpy())
-    features = GeneExpressionTokenizer.from_adata(adata, mode="scbert2").encode_matrix(adata)  # [cells, genes], log2
+    path, label_key, adata, names, labels, features = load_labelled_cells(name, output_dir)
     # The same genes laid out as a fine-tuning from the checkpoint lays them out: its vocabulary plus the data's own
     # genes, with a zero column for every vocabulary gene the data lacks.
     checkpoint = GeneExpressionTokenizer.from_pretrained(CHECKPOINT)

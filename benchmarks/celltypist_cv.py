@@ -120,20 +120,28 @@ def check_same_fold(name: str, fold: int, split: dict, baseline: dict, stored: d
                            f"the committed CV {stored['split']} with {stored_f1:.4f}: these are not the CV's folds.")
 
 
-def run_dataset(name: str, output_dir: Path) -> dict:
+def load_labelled_cells(name: str, output_dir: Path):
+    """One of DATASETS: its path, label key, AnnData, sorted class names, each cell's class index and the baseline's
+    features as `scbert finetune` builds them from scratch (log2-normalised expression of every gene)."""
     import anndata
 
     from tokenization import GeneExpressionTokenizer
-    from train import finetune
 
-    path, label_key, cv_file = DATASETS[name]
+    path, label_key, _ = DATASETS[name]
     path = str(path or write_bundled_dataset(name, output_dir))
     adata = anndata.read_h5ad(path)
-    cv = json.loads((RESULTS / cv_file).read_text())
     names = sorted(adata.obs[label_key].astype(str).unique())
     labels = np.searchsorted(names, adata.obs[label_key].astype(str).to_numpy())
-    # The baseline's features, as `scbert finetune` builds them: log2-normalised expression of every gene.
-    features = GeneExpressionTokenizer.from_adata(adata, mode="scbert2").encode_matrix(adata)
+    features = GeneExpressionTokenizer.from_adata(adata, mode="scbert2").encode_matrix(adata)  # [cells, genes]
+    return path, label_key, adata, names, labels, features
+
+
+def run_dataset(name: str, output_dir: Path) -> dict:
+    from train import finetune
+
+    path, label_key, adata, names, labels, features = load_labelled_cells(name, output_dir)
+    cv_file = DATASETS[name][2]
+    cv = json.loads((RESULTS / cv_file).read_text())
     folds = []
     for fold, args in enumerate(fold_args(path, label_key, cv["kfold"])):
         split = finetune.split_cells(labels, names, args)

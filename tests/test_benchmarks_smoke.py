@@ -287,22 +287,14 @@ def test_every_benchmark_command_in_the_docs_starts():
 def test_the_converged_baseline_is_one_fit_whatever_the_solvers_order(tmp_path):
     """benchmarks/baseline_convergence.py reads its converged column as the baseline free of liblinear's shuffle:
     two seeds, and the columns laid out as the checkpoint's vocabulary, must give the same fit on a real fold."""
-    import anndata
-
-    from benchmarks.annotation_cv import write_bundled_dataset
     from benchmarks.baseline_convergence import CHECKPOINT, CONVERGED_TOLERANCE, fit_baseline
-    from benchmarks.celltypist_cv import fold_args
+    from benchmarks.celltypist_cv import fold_args, load_labelled_cells
     from tokenization import GeneExpressionTokenizer
     from train import finetune
     from train.genes import add_data_genes
 
-    path = str(write_bundled_dataset("pbmc68k_reduced", tmp_path))
-    adata = anndata.read_h5ad(path)
-    names = sorted(adata.obs["bulk_labels"].astype(str).unique())
-    labels = np.searchsorted(names, adata.obs["bulk_labels"].astype(str).to_numpy())
-    args = fold_args(path, "bulk_labels", 5)[0]
-    split = finetune.split_cells(labels, names, args)
-    own = GeneExpressionTokenizer.from_adata(adata, mode="scbert2").encode_matrix(adata)
+    path, label_key, adata, names, labels, own = load_labelled_cells("pbmc68k_reduced", tmp_path)
+    split = finetune.split_cells(labels, names, fold_args(path, label_key, 5)[0])
     checkpoint = GeneExpressionTokenizer.from_pretrained(CHECKPOINT)
     add_data_genes(checkpoint, adata)
     laid_out = checkpoint.encode_matrix(adata)
